@@ -1,0 +1,116 @@
+package authz
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/authz/route"
+	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/money"
+)
+
+// Keys is what a Check needs from the key store: a lookup by secret and an
+// atomic debit. *keystore.Store implements it.
+type Keys interface {
+	Lookup(secret string, now time.Time) (*keystore.Key, bool)
+	Debit(k *keystore.Key, price money.Micros) error
+}
+
+// Config is what New needs. Keys and Routes are required.
+type Config struct {
+	Keys    Keys
+	Routes  *route.Table
+	Limiter *ratelimit.Limiter // nil: a new one
+	// TierRate returns the rate limit of an account tier; ok false means the
+	// key is not rate limited. nil: no tier limits.
+	TierRate func(tier string) (r ratelimit.Rate, ok bool)
+	Log      *zap.Logger           // nil: no logs
+	Metrics  prometheus.Registerer // nil: no metrics
+	Now      func() time.Time      // nil: time.Now
+}
+
+// Server implements Envoy's ext_authz v3 Authorization service.
+type Server struct {
+	authv3.UnimplementedAuthorizationServer
+
+	keys     Keys
+	routes   *route.Table
+	limiter  *ratelimit.Limiter
+	tierRate func(string) (ratelimit.Rate, bool)
+	log      *zap.Logger
+	now      func() time.Time
+	m        *metrics
+
+	// Precomputed responses for denials that never vary.
+	respNoKey, respBadKey, respBadPath, respBalance, respSpendCap *authv3.CheckResponse
+	respScope                                                     map[string]*authv3.CheckResponse // by scope
+}
+
+var _ authv3.AuthorizationServer = (*Server)(nil)
+
+// New builds a Server.
+func New(c Config) (*Server, error) {
+	if c.Keys == nil || c.Routes == nil {
+		return nil, errors.New("authz: Keys and Routes are required")
+	}
+	s := &Server{
+		keys: c.Keys, routes: c.Routes, limiter: c.Limiter, tierRate: c.TierRate,
+		log: c.Log, now: c.Now,
+	}
+	if s.limiter == nil {
+		s.limiter = ratelimit.NewLimiter()
+	}
+	if s.tierRate == nil {
+		s.tierRate = func(string) (ratelimit.Rate, bool) { return ratelimit.Rate{}, false }
+	}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	m, err := newMetrics(c.Metrics)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
+	s.respNoKey = denyNoKey.response()
+	s.respBadKey = denyBadKey.response()
+	s.respBadPath = denyBadPath.response()
+	s.respBalance = denyBalance.response()
+	s.respSpendCap = denySpendCap.response()
+	s.respScope = map[string]*authv3.CheckResponse{}
+	for _, scope := range c.Routes.Scopes() {
+		s.respScope[scope] = scopeDenial(scope).response()
+	}
+	return s, nil
+}
+
+// Check answers one ext_authz request. It never returns an error: every
+// request, malformed ones included, gets an allow or a denial.
+func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	now := s.now()
+	resp, d := s.decide(req, now)
+	s.m.observe(d, time.Since(now))
+	if d != nil {
+		if ce := s.log.Check(zap.DebugLevel, "denied"); ce != nil {
+			h := req.GetAttributes().GetRequest().GetHttp()
+			ce.Write(zap.Int("status", d.Status), zap.String("reason", d.Reason),
+				zap.String("method", h.GetMethod()), zap.String("path", h.GetPath()),
+				zap.String("request_id", h.GetId()))
+		}
+	}
+	return resp, nil
+}
+
+func scopeDenial(scope string) *Denial {
+	return &Denial{Status: 403, Type: typePermission, Reason: "scope",
+		Message: fmt.Sprintf("This API key does not have the required scope: %s", scope)}
+}

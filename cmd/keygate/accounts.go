@@ -1,0 +1,108 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+
+	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
+)
+
+func newAccountsCmd() *cobra.Command {
+	var af adminFlags
+	c := &cobra.Command{
+		Use:   "accounts",
+		Short: "Create, show and credit accounts",
+	}
+	af.register(c)
+
+	show := func(c *cobra.Command, a *adminv1.Account) error {
+		v := viewAccount(a)
+		if af.output == "json" {
+			return writeJSON(c.OutOrStdout(), v)
+		}
+		return printAccounts(c.OutOrStdout(), []accountView{v})
+	}
+
+	var balance, tier string
+	create := &cobra.Command{
+		Use:   "create ACCOUNT [--balance USD] [--tier NAME]",
+		Short: "Create an account",
+		Args:  nArgs("ACCOUNT"),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, ctx, done, err := af.connect(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			a, err := cl.CreateAccount(ctx, &adminv1.CreateAccountRequest{Id: args[0], BalanceUsd: balance, Tier: tier})
+			if err != nil {
+				return af.callErr(err)
+			}
+			return show(c, a)
+		},
+	}
+	create.Flags().StringVar(&balance, "balance", "", "starting balance in USD, e.g. 10 or 0.5 (default 0)")
+	create.Flags().StringVar(&tier, "tier", "", "tier that sets the default rate limit of the account's keys (default: the config's default_tier)")
+
+	get := &cobra.Command{
+		Use:   "get ACCOUNT",
+		Short: "Show an account and its balance",
+		Args:  nArgs("ACCOUNT"),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, ctx, done, err := af.connect(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			a, err := cl.GetAccount(ctx, &adminv1.GetAccountRequest{Id: args[0]})
+			if err != nil {
+				return af.callErr(err)
+			}
+			return show(c, a)
+		},
+	}
+
+	credit := &cobra.Command{
+		Use:   "credit ACCOUNT USD",
+		Short: "Add USD to an account's balance",
+		Args:  nArgs("ACCOUNT", "USD"),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, ctx, done, err := af.connect(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			a, err := cl.CreditAccount(ctx, &adminv1.CreditAccountRequest{Id: args[0], AmountUsd: args[1]})
+			if err != nil {
+				return af.callErr(err)
+			}
+			return show(c, a)
+		},
+	}
+
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List accounts",
+		Args:  noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, ctx, done, err := af.connect(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			r, err := cl.ListAccounts(ctx, &adminv1.ListAccountsRequest{})
+			if err != nil {
+				return af.callErr(err)
+			}
+			vs := make([]accountView, 0, len(r.GetAccounts()))
+			for _, a := range r.GetAccounts() {
+				vs = append(vs, viewAccount(a))
+			}
+			if af.output == "json" {
+				return writeJSON(c.OutOrStdout(), vs)
+			}
+			return printAccounts(c.OutOrStdout(), vs)
+		},
+	}
+	c.AddCommand(create, get, credit, list)
+	return c
+}

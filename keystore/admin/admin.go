@@ -1,0 +1,312 @@
+// Package admin serves keygate's admin API (proto/keygate/admin/v1) over a
+// keystore.Store: the operator's way to issue, list, revoke and rotate keys
+// and to manage accounts. Every mutation is durable when the call returns.
+//
+// The CLI uses the same Server in-process for --db mode, so both modes apply
+// the same validation and give the same answers.
+package admin
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/cmd/keygate/config"
+	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/money"
+	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
+)
+
+// Server implements adminv1.AdminServer.
+type Server struct {
+	adminv1.UnimplementedAdminServer
+
+	store *keystore.Store
+	cfg   *config.Config
+	log   *zap.Logger
+	now   func() time.Time
+}
+
+var _ adminv1.AdminServer = (*Server)(nil)
+
+// New returns a Server over store; cfg supplies the routes (the scope guard)
+// and the tiers. A nil log discards.
+func New(store *keystore.Store, cfg *config.Config, log *zap.Logger) *Server {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Server{store: store, cfg: cfg, log: log, now: time.Now}
+}
+
+func (s *Server) CreateAccount(_ context.Context, r *adminv1.CreateAccountRequest) (*adminv1.Account, error) {
+	var bal money.Micros
+	if r.GetBalanceUsd() != "" {
+		b, err := money.ParseUSD(r.GetBalanceUsd())
+		if err != nil {
+			return nil, invalid("balance: %v", err)
+		}
+		bal = b
+	}
+	tier := r.GetTier()
+	if tier == "" {
+		tier = s.cfg.DefaultTier
+	} else if _, ok := s.cfg.Tiers[tier]; !ok {
+		return nil, invalid("tier %q is not defined in the config (tiers: %s)", tier, strings.Join(s.tierNames(), ", "))
+	}
+	a, err := s.store.CreateAccount(r.GetId(), tier, bal, s.now())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("account created", zap.String("account", a.ID), zap.String("tier", a.Tier), zap.Int64("balance_micros", int64(a.Balance)))
+	return accountPB(a), nil
+}
+
+func (s *Server) GetAccount(_ context.Context, r *adminv1.GetAccountRequest) (*adminv1.Account, error) {
+	a, err := s.store.Account(r.GetId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return accountPB(a), nil
+}
+
+func (s *Server) CreditAccount(_ context.Context, r *adminv1.CreditAccountRequest) (*adminv1.Account, error) {
+	amt, err := money.ParseUSD(r.GetAmountUsd())
+	if err != nil {
+		return nil, invalid("amount: %v", err)
+	}
+	if amt == 0 {
+		return nil, invalid("amount: must be greater than 0")
+	}
+	a, err := s.store.Credit(r.GetId(), amt)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("account credited", zap.String("account", a.ID), zap.Int64("amount_micros", int64(amt)), zap.Int64("balance_micros", int64(a.Balance)))
+	return accountPB(a), nil
+}
+
+func (s *Server) ListAccounts(context.Context, *adminv1.ListAccountsRequest) (*adminv1.ListAccountsResponse, error) {
+	out := &adminv1.ListAccountsResponse{Accounts: []*adminv1.Account{}}
+	for _, a := range s.store.Accounts() {
+		out.Accounts = append(out.Accounts, accountPB(a))
+	}
+	return out, nil
+}
+
+func (s *Server) CreateKey(_ context.Context, r *adminv1.CreateKeyRequest) (*adminv1.CreateKeyResponse, error) {
+	nk := keystore.NewKey{Account: r.GetAccount(), Name: r.GetName()}
+	if nk.Account == "" {
+		return nil, invalid("account is required (--account)")
+	}
+	if len(r.GetScopes()) == 0 {
+		return nil, invalid("at least one scope is required (--scopes); scopes in use by routes: %s", strings.Join(s.cfg.Routes.Scopes(), ", "))
+	}
+	for _, sc := range r.GetScopes() {
+		if !s.cfg.Routes.HasScope(sc) {
+			return nil, invalid("scope %q is not used by any route (known scopes: %s)", sc, strings.Join(s.cfg.Routes.Scopes(), ", "))
+		}
+	}
+	nk.Scopes = r.GetScopes()
+	if r.GetRateLimit() != "" {
+		rt, err := ratelimit.ParseRate(r.GetRateLimit())
+		if err != nil {
+			return nil, invalid("%v", err)
+		}
+		nk.RateLimit = rt
+	}
+	if r.GetSpendCapUsd() != "" {
+		c, err := money.ParseUSD(r.GetSpendCapUsd())
+		if err != nil {
+			return nil, invalid("spend cap: %v", err)
+		}
+		if c == 0 {
+			return nil, invalid("spend cap: must be greater than 0 (omit --spend-cap for no cap)")
+		}
+		nk.SpendCap = c
+	}
+	now := s.now()
+	if r.GetExpiresIn() != "" {
+		d, err := config.ParseDuration(r.GetExpiresIn())
+		if err != nil {
+			return nil, invalid("expires in: %v", err)
+		}
+		if d <= 0 {
+			return nil, invalid("expires in: must be greater than 0 (omit --expires-in for a key that does not expire)")
+		}
+		nk.ExpiresAt = now.Add(d)
+	}
+	if _, err := s.store.Account(nk.Account); err != nil {
+		return nil, toStatus(err)
+	}
+	k, secret, err := s.store.CreateKey(nk, now)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("key created", zap.String("key_id", k.ID), zap.String("account", k.Account), zap.Strings("scopes", k.Scopes))
+	return &adminv1.CreateKeyResponse{Key: s.keyPB(k, now), Secret: secret}, nil
+}
+
+func (s *Server) GetKey(_ context.Context, r *adminv1.GetKeyRequest) (*adminv1.Key, error) {
+	k, err := s.store.Key(r.GetId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return s.keyPB(k, s.now()), nil
+}
+
+func (s *Server) ListKeys(_ context.Context, r *adminv1.ListKeysRequest) (*adminv1.ListKeysResponse, error) {
+	if r.GetAccount() != "" {
+		if _, err := s.store.Account(r.GetAccount()); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	now := s.now()
+	out := &adminv1.ListKeysResponse{Keys: []*adminv1.Key{}}
+	for _, k := range s.store.Keys(r.GetAccount()) {
+		out.Keys = append(out.Keys, s.keyPB(k, now))
+	}
+	return out, nil
+}
+
+func (s *Server) RevokeKey(_ context.Context, r *adminv1.RevokeKeyRequest) (*adminv1.Key, error) {
+	now := s.now()
+	k, err := s.store.Revoke(r.GetId(), now)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("key revoked", zap.String("key_id", k.ID), zap.String("account", k.Account))
+	return s.keyPB(k, now), nil
+}
+
+func (s *Server) RotateKey(_ context.Context, r *adminv1.RotateKeyRequest) (*adminv1.RotateKeyResponse, error) {
+	var grace time.Duration
+	if r.GetGrace() != "" {
+		d, err := config.ParseDuration(r.GetGrace())
+		if err != nil {
+			return nil, invalid("grace: %v", err)
+		}
+		grace = d
+	}
+	now := s.now()
+	old, nw, secret, err := s.store.Rotate(r.GetId(), grace, now)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.log.Info("key rotated", zap.String("key_id", old.ID), zap.String("new_key_id", nw.ID),
+		zap.String("account", nw.Account), zap.Duration("grace", grace))
+	return &adminv1.RotateKeyResponse{Key: s.keyPB(nw, now), Secret: secret, OldKey: s.keyPB(old, now)}, nil
+}
+
+func (s *Server) tierNames() []string {
+	var names []string
+	for n := range s.cfg.File.Tiers {
+		names = append(names, n)
+	}
+	if len(names) == 0 {
+		return []string{"none"}
+	}
+	return names
+}
+
+func accountPB(a keystore.Account) *adminv1.Account {
+	return &adminv1.Account{
+		Id: a.ID, Tier: a.Tier,
+		BalanceMicros: int64(a.Balance), ReservedMicros: int64(a.Reserved),
+		CreatedAt: ts(a.CreatedAt),
+	}
+}
+
+func (s *Server) keyPB(k keystore.KeyInfo, now time.Time) *adminv1.Key {
+	eff := k.RateLimit
+	if eff.IsZero() {
+		eff, _ = s.cfg.TierRate(s.accountTier(k.Account))
+	}
+	return &adminv1.Key{
+		Id: k.ID, Account: k.Account, Name: k.Name, Scopes: k.Scopes,
+		State:              k.State(now),
+		RateLimit:          k.RateLimit.String(),
+		EffectiveRateLimit: eff.String(),
+		SpendCapMicros:     int64(k.SpendCap),
+		SpentMicros:        int64(k.Spent),
+		ReservedMicros:     int64(k.Reserved),
+		CreatedAt:          ts(k.CreatedAt),
+		ExpiresAt:          ts(k.ExpiresAt),
+		RevokedAt:          ts(k.RevokedAt),
+		RotatedTo:          k.RotatedTo,
+	}
+}
+
+func (s *Server) accountTier(id string) string {
+	a, err := s.store.Account(id)
+	if err != nil {
+		return ""
+	}
+	return a.Tier
+}
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func invalid(format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, format, args...)
+}
+
+// toStatus maps keystore errors to gRPC codes once, at the edge.
+func toStatus(err error) error {
+	switch {
+	case errors.Is(err, keystore.ErrAccountNotFound), errors.Is(err, keystore.ErrKeyNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, keystore.ErrAccountExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, keystore.ErrInvalid):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, keystore.ErrKeyInactive):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// TokenHeader is the metadata key that carries the admin token.
+const TokenHeader = "authorization"
+
+// RequireToken refuses every call that does not carry "Bearer <token>". An
+// empty token refuses everything: a server started without
+// KEYGATE_ADMIN_TOKEN has no admin API rather than an open one.
+func RequireToken(token string) grpc.UnaryServerInterceptor {
+	want := []byte("Bearer " + token)
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if token == "" {
+			return nil, status.Error(codes.Unauthenticated, "the admin API is disabled: this server was started without KEYGATE_ADMIN_TOKEN")
+		}
+		md, _ := metadata.FromIncomingContext(ctx)
+		got := md.Get(TokenHeader)
+		if len(got) != 1 || subtle.ConstantTimeCompare([]byte(got[0]), want) != 1 {
+			return nil, status.Error(codes.Unauthenticated, "missing or wrong admin token (set KEYGATE_ADMIN_TOKEN to the server's token)")
+		}
+		return h(ctx, req)
+	}
+}
+
+// Describe renders err for a human: the gRPC status message without the
+// "rpc error: code = ..." wrapping.
+func Describe(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return st.Message()
+	}
+	return fmt.Sprint(err)
+}
