@@ -7,15 +7,18 @@ COMMIT        ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS       := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
-STATICCHECK        := honnef.co/go/tools/cmd/staticcheck@2026.1
+STATICCHECK        := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
 .PHONY: build run test fuzz bench lint proto clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/keygate
 
+# A dev token for a first run on loopback; set KEYGATE_ADMIN_TOKEN yourself
+# for anything else.
 run: build
-	./$(BIN) serve
+	@if [ -z "$$KEYGATE_ADMIN_TOKEN" ]; then echo "make run: KEYGATE_ADMIN_TOKEN not set, using dev-token (export KEYGATE_ADMIN_TOKEN=dev-token in the shell that runs the CLI)"; fi
+	KEYGATE_ADMIN_TOKEN=$${KEYGATE_ADMIN_TOKEN:-dev-token} ./$(BIN) serve $(ARGS)
 
 test:
 	$(GO) test -race -count=1 -timeout 15m ./...

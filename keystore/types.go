@@ -22,6 +22,8 @@ var (
 
 // Errors returned by admin mutations and reads.
 var (
+	// ErrClosed is returned by writes and Flush after Close.
+	ErrClosed          = errors.New("the store is closed")
 	ErrAccountNotFound = errors.New("account not found")
 	ErrAccountExists   = errors.New("account already exists")
 	ErrKeyNotFound     = errors.New("key not found")

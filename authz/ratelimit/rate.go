@@ -19,11 +19,34 @@ type Rate struct {
 // IsZero reports whether no limit is set.
 func (r Rate) IsZero() bool { return r.N == 0 }
 
-var units = map[string]time.Duration{
-	"s": time.Second,
-	"m": time.Minute,
-	"h": time.Hour,
-	"d": 24 * time.Hour,
+// unitPer returns the period a unit letter names.
+func unitPer(unit string) (time.Duration, bool) {
+	switch unit {
+	case "s":
+		return time.Second, true
+	case "m":
+		return time.Minute, true
+	case "h":
+		return time.Hour, true
+	case "d":
+		return 24 * time.Hour, true
+	}
+	return 0, false
+}
+
+// perUnit is unitPer's inverse.
+func perUnit(per time.Duration) (string, bool) {
+	switch per {
+	case time.Second:
+		return "s", true
+	case time.Minute:
+		return "m", true
+	case time.Hour:
+		return "h", true
+	case 24 * time.Hour:
+		return "d", true
+	}
+	return "", false
 }
 
 var errRateSyntax = errors.New("want N/s, N/m, N/h or N/d with N a positive whole number, like 500/m")
@@ -34,7 +57,7 @@ const maxN = 1_000_000_000
 // ParseRate parses "N/s", "N/m", "N/h" or "N/d".
 func ParseRate(s string) (Rate, error) {
 	n, unit, ok := strings.Cut(s, "/")
-	per, known := units[unit]
+	per, known := unitPer(unit)
 	if !ok || !known || n == "" {
 		return Rate{}, fmt.Errorf("rate limit %q: %w", s, errRateSyntax)
 	}
@@ -55,10 +78,8 @@ func (r Rate) String() string {
 	if r.IsZero() {
 		return ""
 	}
-	for u, d := range units {
-		if d == r.Per {
-			return strconv.FormatInt(r.N, 10) + "/" + u
-		}
+	if u, ok := perUnit(r.Per); ok {
+		return strconv.FormatInt(r.N, 10) + "/" + u
 	}
 	return strconv.FormatInt(r.N, 10) + "/" + r.Per.String()
 }

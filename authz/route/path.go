@@ -5,9 +5,11 @@ import "strings"
 // CleanPath returns the path of a request target without its query string, and
 // whether it is safe to match against the route table. A path is refused when
 // a proxy or an upstream could read it as a different path than the table
-// does: dot segments, empty segments ("//"), a backslash, control bytes, or a
-// percent-encoded slash, dot, backslash, percent or NUL (in either case). It
-// never allocates: the result is a prefix of target.
+// does: dot segments (also "..;x"), empty segments ("//"), a backslash, a
+// '#', control bytes, or a percent escape that is malformed or encodes a
+// slash, dot, backslash, percent, control byte or other unreserved character
+// (in either case; see escapeOK). A trailing "/" is kept: "/v1/" is a path,
+// not a dot segment. It never allocates: the result is a prefix of target.
 func CleanPath(target string) (string, bool) {
 	path := target
 	if i := strings.IndexByte(path, '?'); i >= 0 {
@@ -26,8 +28,7 @@ func CleanPath(target string) (string, bool) {
 			if i+2 >= len(path) {
 				return "", false
 			}
-			switch hex2(path[i+1], path[i+2]) {
-			case '/', '.', '\\', '%', 0, -1:
+			if !escapeOK(hex2(path[i+1], path[i+2])) {
 				return "", false
 			}
 		case c == '/' && i > 0:
@@ -43,9 +44,36 @@ func CleanPath(target string) (string, bool) {
 	return path, true
 }
 
-// segmentOK refuses the segments that change a path's meaning: "", "." and "..".
+// segmentOK refuses the segments that change a path's meaning: "", "." and
+// "..", also when followed by a ";" path parameter, since Tomcat and Jetty
+// read "/..;x/" as "/../".
 func segmentOK(seg string) bool {
+	if i := strings.IndexByte(seg, ';'); i >= 0 {
+		seg = seg[:i]
+	}
 	return seg != "" && seg != "." && seg != ".."
+}
+
+// escapeOK reports whether a percent escape decoding to c (-1: malformed) may
+// stay in a path. Escaped '/', '.', '\' and '%' would become separators, dot
+// segments or new escapes in a decoding upstream. Escaped controls have no
+// business in a path. Escaped unreserved characters (RFC 3986 2.3: letters,
+// digits, '-', '.', '_', '~') are refused because they alias a route:
+// "/v1/%61dmin" misses an exact route "/v1/admin" here, falls through to a
+// broader prefix, and reaches /v1/admin upstream. No client needs them:
+// RFC 3986 says producers should not encode those characters.
+func escapeOK(c int) bool {
+	switch {
+	case c < 0x20 || c == 0x7f: // also -1
+		return false
+	case c == '/' || c == '\\' || c == '%':
+		return false
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return false
+	case c == '-' || c == '.' || c == '_' || c == '~':
+		return false
+	}
+	return true
 }
 
 // hex2 decodes two hex digits, or returns -1.

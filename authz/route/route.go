@@ -32,41 +32,57 @@ type Route struct {
 // Table is an immutable route table. Exact paths win over prefixes; among
 // prefixes the longest wins.
 type Table struct {
-	exact    map[string]*Route // method + " " + path
-	prefixes []*Route          // longest first
+	exact    map[routeKey]*Route
+	prefixes []*Route // longest first
 	scopes   map[string]bool
 }
 
+// routeKey indexes exact routes. A struct of the two strings, not their
+// concatenation, so that a lookup never builds a string (which allocates
+// once method and path exceed 32 bytes).
+type routeKey struct{ method, path string }
+
 // NewTable validates specs and builds a Table. Errors name the offending
-// route by index, like the config file's own position: routes[2].method.
+// route by index and field, like the config file's own position:
+// routes[2].method.
 func NewTable(specs []Spec) (*Table, error) {
-	t := &Table{exact: map[string]*Route{}, scopes: map[string]bool{}}
+	t := &Table{exact: map[routeKey]*Route{}, scopes: map[string]bool{}}
 	for i, s := range specs {
 		where := fmt.Sprintf("routes[%d]", i)
-		m := strings.ToUpper(s.Method)
-		if m == "" || strings.ContainsAny(m, " \t/") {
+		if !isToken(s.Method) {
 			return nil, fmt.Errorf("%s.method: %q is not an HTTP method", where, s.Method)
 		}
+		m := strings.ToUpper(s.Method)
 		if s.Scope == "" {
 			return nil, fmt.Errorf("%s.scope: required", where)
+		}
+		if strings.ContainsFunc(s.Scope, func(r rune) bool { return r <= ' ' || r == 0x7f || r == ',' }) {
+			return nil, fmt.Errorf("%s.scope: %q contains a space, a comma or a control character", where, s.Scope)
 		}
 		if s.Price < 0 {
 			return nil, fmt.Errorf("%s.price_usd: negative", where)
 		}
+		if s.Price > money.Max {
+			return nil, fmt.Errorf("%s.price_usd: above the largest amount, %s", where, money.Max.USD())
+		}
+		field, pattern := "path", s.Path
 		switch {
 		case s.Path != "" && s.PathPrefix != "":
 			return nil, fmt.Errorf("%s: set path or path_prefix, not both", where)
 		case s.Path == "" && s.PathPrefix == "":
 			return nil, fmt.Errorf("%s: path or path_prefix is required", where)
+		case s.PathPrefix != "":
+			field, pattern = "path_prefix", s.PathPrefix
 		}
-		pattern := s.Path + s.PathPrefix
-		if _, ok := CleanPath(pattern); !ok {
-			return nil, fmt.Errorf("%s: %q is not a clean absolute path", where, pattern)
+		// A pattern must survive CleanPath unchanged: one with a query
+		// string or a fragment could never match a cleaned request path.
+		if clean, ok := CleanPath(pattern); !ok || clean != pattern {
+			return nil, fmt.Errorf("%s.%s: %q is not a clean absolute path: it must start with '/' and have no query, no \".\", \"..\" or empty segment, no backslash and no encoded '/', '.', '\\' or '%%'", where, field, pattern)
 		}
 		r := &Route{Method: m, Pattern: pattern, Scope: s.Scope, Price: s.Price}
 		t.scopes[s.Scope] = true
 		if s.Path != "" {
-			k := m + " " + s.Path
+			k := routeKey{m, s.Path}
 			if _, dup := t.exact[k]; dup {
 				return nil, fmt.Errorf("%s: duplicate route %s %s", where, m, s.Path)
 			}
@@ -84,10 +100,28 @@ func NewTable(specs []Spec) (*Table, error) {
 	return t, nil
 }
 
+// isToken reports whether s is an RFC 9110 token, the syntax of a method.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
 // Match returns the route for method and a path already checked by CleanPath
-// and stripped of its query string.
+// and stripped of its query string. Methods are case-sensitive (RFC 9110):
+// the table holds them upper-cased, as clients send them.
 func (t *Table) Match(method, path string) (*Route, bool) {
-	if r, ok := t.exact[exactKey(method, path)]; ok {
+	if r, ok := t.exact[routeKey{method, path}]; ok {
 		return r, true
 	}
 	for _, r := range t.prefixes {
@@ -97,10 +131,6 @@ func (t *Table) Match(method, path string) (*Route, bool) {
 	}
 	return nil, false
 }
-
-// exactKey builds the map key; the compiler does not allocate for a
-// concatenation used only as a map index, so Match stays allocation-free.
-func exactKey(method, path string) string { return method + " " + path }
 
 // HasScope reports whether any route requires scope: the typo guard that
 // refuses a key whose scope no route uses.

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"sort"
+	"strings"
 
 	"go.yaml.in/yaml/v3"
 
@@ -100,17 +102,119 @@ func Load(path string) (*Config, error) {
 
 // Parse decodes and validates one YAML document.
 func Parse(data []byte) (*Config, error) {
-	var f File
+	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		return nil, errors.New("more than one YAML document; keygate reads one")
 	}
+	if len(doc.Content) > 0 {
+		if err := checkNode(doc.Content[0], reflect.TypeFor[File](), ""); err != nil {
+			return nil, err
+		}
+	}
+	// checkNode names most mistakes by their path; the strict decoder still
+	// has the last word (on aliases and merge keys, which checkNode skips).
+	var f File
+	strict := yaml.NewDecoder(bytes.NewReader(data))
+	strict.KnownFields(true)
+	if err := strict.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
 	return build(f)
+}
+
+// checkNode checks that n has the shape of a value of type t, so that an
+// unknown field, a repeated key or a list where a mapping belongs is
+// reported by its path in the file (routes[1].pathprefix) rather than by Go
+// type names. path is "" at the top level.
+func checkNode(n *yaml.Node, t reflect.Type, path string) error {
+	if n.Kind == yaml.AliasNode || n.Tag == "!!null" {
+		return nil // aliases are checked by the strict decoder; null is the zero value
+	}
+	where := path
+	if where == "" {
+		where = "top level"
+	}
+	switch t.Kind() {
+	case reflect.Struct, reflect.Map:
+		if n.Kind != yaml.MappingNode {
+			return fmt.Errorf("%s: want a mapping (line %d)", where, n.Line)
+		}
+		seen := make(map[string]int, len(n.Content)/2)
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			if k.Kind != yaml.ScalarNode || k.Value == "<<" {
+				continue // a merge key or a complex key: left to the strict decoder
+			}
+			at := join(path, k.Value)
+			if line, dup := seen[k.Value]; dup {
+				return fmt.Errorf("%s: set twice (lines %d and %d)", at, line, k.Line)
+			}
+			seen[k.Value] = k.Line
+			elem := t
+			if t.Kind() == reflect.Map {
+				elem = t.Elem()
+			} else {
+				field, ok := fieldByTag(t, k.Value)
+				if !ok {
+					return fmt.Errorf("%s: unknown field (line %d; known: %s)", at, k.Line, strings.Join(fieldTags(t), ", "))
+				}
+				elem = field.Type
+			}
+			if err := checkNode(v, elem, at); err != nil {
+				return err
+			}
+		}
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			return fmt.Errorf("%s: want a list (line %d)", where, n.Line)
+		}
+		for i, c := range n.Content {
+			if err := checkNode(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				return err
+			}
+		}
+	case reflect.String:
+		if n.Kind != yaml.ScalarNode {
+			return fmt.Errorf("%s: want a single value, not a list or mapping (line %d)", where, n.Line)
+		}
+	}
+	return nil
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+// fieldByTag returns the field of struct type t that YAML key name decodes into.
+func fieldByTag(t reflect.Type, name string) (reflect.StructField, bool) {
+	for i := range t.NumField() {
+		if f := t.Field(i); yamlName(f) == name {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
+}
+
+// fieldTags lists the YAML keys of struct type t in declaration order.
+func fieldTags(t reflect.Type) []string {
+	names := make([]string, 0, t.NumField())
+	for i := range t.NumField() {
+		names = append(names, yamlName(t.Field(i)))
+	}
+	return names
+}
+
+func yamlName(f reflect.StructField) string {
+	name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+	return name
 }
 
 func build(f File) (*Config, error) {
@@ -138,6 +242,12 @@ func build(f File) (*Config, error) {
 	}
 	sort.Strings(names)
 	for _, name := range names {
+		if name == "" {
+			return nil, errors.New(`tiers: "" is not a tier name`)
+		}
+		if f.Tiers[name].RateLimit == "" {
+			return nil, fmt.Errorf("tiers.%s.rate_limit: required", name)
+		}
 		r, err := ratelimit.ParseRate(f.Tiers[name].RateLimit)
 		if err != nil {
 			return nil, fmt.Errorf("tiers.%s.rate_limit: %w", name, err)

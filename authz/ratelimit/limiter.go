@@ -1,0 +1,143 @@
+package ratelimit
+
+import (
+	"hash/maphash"
+	"sync"
+	"time"
+	"unsafe"
+)
+
+// numShards splits the buckets so that concurrent Checks on different keys
+// rarely share a lock. A power of two, so a hash picks a shard with a mask.
+const numShards = 64
+
+// cacheLine is the padding unit between shards. 128 rather than 64 bytes:
+// x86 prefetches cache lines in adjacent pairs, and arm64 servers often
+// have 128-byte lines.
+const cacheLine = 128
+
+// Limiter holds one bucket per key, sharded so no Check waits on a global lock.
+//
+// Each bucket is one int64, the GCRA "theoretical arrival time" (tat) in unix
+// nanoseconds: the moment the bucket would be full again. With the emission
+// interval T = Per/N, a request at now is allowed while tat-now <= (N-1)*T,
+// and an allowed request moves tat to max(tat, now)+T. This is the token
+// bucket of the design (a burst of N, refilled at N per Per) in integer
+// arithmetic, with no floats and no per-key timer.
+//
+// T is Per/N rounded down to whole nanoseconds, so the sustained rate is
+// N + (Per mod N)/T per Per: exact when N divides Per in nanoseconds (500/m,
+// 1e9/s, 1000/d), and otherwise over by a sliver, e.g. 7/m allows 3 extra
+// requests per 8.6e9 minutes.
+//
+// A Limiter is safe for concurrent use; use NewLimiter to make one.
+type Limiter struct {
+	seed   maphash.Seed
+	shards [numShards]shard
+}
+
+// shard is one lock and the buckets it guards, padded to a whole number of
+// cache lines so that two shards' locks never share one (false sharing would
+// make a core's Allow stall on another core's, unrelated, Allow).
+type shard struct {
+	shardState
+	_ [cacheLine - unsafe.Sizeof(shardState{})%cacheLine]byte
+}
+
+type shardState struct {
+	mu  sync.Mutex
+	tat map[string]int64 // key → theoretical arrival time, unix nanos; guarded by mu
+}
+
+// NewLimiter returns a Limiter with no buckets.
+func NewLimiter() *Limiter {
+	l := &Limiter{seed: maphash.MakeSeed()}
+	for i := range l.shards {
+		l.shards[i].tat = make(map[string]int64)
+	}
+	return l
+}
+
+// Decision is the outcome of one Allow.
+type Decision struct {
+	OK         bool
+	Limit      int64         // r.N
+	Remaining  int64         // whole requests left in the bucket after this one (>= 0)
+	Reset      time.Duration // until the bucket is full again
+	RetryAfter time.Duration // when !OK: until one request would be allowed (> 0)
+}
+
+// Allow takes one request from key's bucket under rate r at now. A zero Rate always allows (Limit 0).
+//
+// A Rate that ParseRate cannot produce is made safe rather than trusted: N < 0
+// counts as no limit, N above 1e9 as 1e9, and Per is clamped to between one
+// nanosecond per request and maxPer, so the arithmetic cannot overflow.
+// Allow does not allocate once key has a bucket.
+func (l *Limiter) Allow(key string, r Rate, now time.Time) Decision {
+	if r.N <= 0 {
+		return Decision{OK: true}
+	}
+	n, t := bucketParams(r)
+	tau := (n - 1) * t // burst tolerance: how far tat may run ahead of now
+	ns := now.UnixNano()
+
+	s := &l.shards[maphash.String(l.seed, key)&(numShards-1)]
+	s.mu.Lock()
+	tat, ok := s.tat[key]
+	if !ok || tat < ns {
+		tat = ns // a new or full bucket
+	}
+	if ahead := tat - ns; ahead > tau {
+		s.mu.Unlock()
+		return Decision{Limit: r.N, Reset: time.Duration(ahead), RetryAfter: time.Duration(ahead - tau)}
+	}
+	tat += t
+	s.tat[key] = tat
+	s.mu.Unlock()
+
+	ahead := tat - ns // <= tau+t = n*t, so Remaining >= 0
+	return Decision{OK: true, Limit: r.N, Remaining: (n*t - ahead) / t, Reset: time.Duration(ahead)}
+}
+
+// maxPer bounds a Rate's period so that unix nanoseconds plus a whole bucket
+// cannot overflow an int64 before the year 2150. ParseRate's longest is a day.
+const maxPer = 100 * 365 * 24 * time.Hour
+
+// bucketParams returns the N and the emission interval T = Per/N (in
+// nanoseconds, at least 1) that Allow computes with. r.N must be positive.
+// N is capped at ParseRate's maxN and Per at maxPer, so N*T <= maxPer.
+func bucketParams(r Rate) (n, t int64) {
+	n = min(r.N, maxN)
+	t = max(int64(min(max(r.Per, 0), maxPer))/n, 1)
+	return n, t
+}
+
+// Sweep forgets buckets that are full again at now (idle keys), bounding memory.
+func (l *Limiter) Sweep(now time.Time) int {
+	ns := now.UnixNano()
+	removed := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		for k, tat := range s.tat {
+			if tat <= ns {
+				delete(s.tat, k)
+				removed++
+			}
+		}
+		s.mu.Unlock()
+	}
+	return removed
+}
+
+// Len returns the number of buckets held: keys seen and not yet swept.
+func (l *Limiter) Len() int {
+	total := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		total += len(s.tat)
+		s.mu.Unlock()
+	}
+	return total
+}

@@ -1,0 +1,397 @@
+package loadgen
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
+)
+
+// Clients a generator can use.
+const (
+	ClientH2   = "h2"   // H2Conn: cheap, Envoy-like
+	ClientGRPC = "grpc" // grpc-go's client: for comparison
+)
+
+// Config is one load phase. The generator runs a closed loop: Concurrency
+// workers, each sending its next call when the last one is answered, spread
+// over Conns connections (Envoy keeps one per worker thread). Calls answered
+// during Warmup are not counted; the phase then lasts Duration, and no call
+// starts after it. MaxRequests bounds the calls started, warm-up included.
+type Config struct {
+	Addr        string // host:port
+	Client      string // ClientH2 (default) or ClientGRPC
+	Conns       int
+	Concurrency int
+	Warmup      time.Duration
+	Duration    time.Duration
+	MaxRequests uint64
+	Source      *Source
+	Seed        uint64 // of request ids; 0: random
+	// Timeout is every call's grpc-timeout (Envoy's ext_authz timeout,
+	// 200 ms by default); 0: none.
+	Timeout time.Duration
+	// Slot, if not zero, also records the latency per slot of this width
+	// (a timeline, to see what a background task does to latency).
+	Slot time.Duration
+	// Probe, if set, is called at the start and the end of the measured
+	// window, from one goroutine; what it returns at the end goes in the
+	// Result (the caller measures the server's CPU time there).
+	Probe func() Sample
+}
+
+// Sample is a reading of a server process (and of the generator itself).
+type Sample struct {
+	ServerCPU time.Duration // user + system
+	ServerRSS int64         // bytes
+	ServerHWM int64         // peak RSS, bytes
+	GenCPU    time.Duration
+}
+
+// Result is what a phase measured, over its window only.
+type Result struct {
+	Start     time.Time      `json:"start"` // of the window
+	Seconds   float64        `json:"seconds"`
+	Requests  uint64         `json:"requests"` // answered in the window
+	PerSecond float64        `json:"per_second"`
+	ByStatus  map[int]uint64 `json:"by_status"` // HTTP status the response asks Envoy for; 200: allowed
+	Errors    uint64         `json:"errors"`    // transport or gRPC errors
+	FirstErr  string         `json:"first_error,omitempty"`
+	Latency   Sparse         `json:"latency"`
+	// Server and generator readings over the window (zero without Probe).
+	ServerCPUSeconds float64 `json:"server_cpu_seconds"`
+	ServerRSS        int64   `json:"server_rss_bytes"`
+	ServerHWM        int64   `json:"server_hwm_bytes"`
+	GenCPUSeconds    float64 `json:"gen_cpu_seconds"`
+	Timeline         []Slot  `json:"timeline,omitempty"`
+}
+
+// Slot is the latency of the calls answered in one timeline slot.
+type Slot struct {
+	Offset  time.Duration `json:"offset_ns"` // from Start
+	Latency Sparse        `json:"latency"`
+}
+
+var errConfig = errors.New("bad load config")
+
+// worker state, merged at the end.
+type tally struct {
+	hist     Histogram
+	byStatus map[int]uint64
+	errors   uint64
+	firstErr error
+	samples  []sample // for the timeline
+}
+
+type sample struct {
+	end time.Duration // since the window start
+	lat time.Duration
+}
+
+// A caller is one connection; each worker gets its own callFunc from it.
+type caller interface {
+	newCallFunc() callFunc
+	close()
+}
+
+// callFunc makes one call of an encoded CheckRequest and returns the encoded
+// response, valid until its next call. It is used by one worker only.
+type callFunc func(ctx context.Context, req []byte) (resp []byte, err error)
+
+// Run runs one phase against cfg.Addr.
+func Run(ctx context.Context, cfg Config) (Result, error) {
+	if cfg.Concurrency < 1 || cfg.Conns < 1 || cfg.Duration <= 0 || cfg.Source == nil {
+		return Result{}, fmt.Errorf("%w: need concurrency, conns, duration and a source", errConfig)
+	}
+	if cfg.MaxRequests == 0 {
+		cfg.MaxRequests = 1 << 62
+	}
+	if cfg.Seed == 0 {
+		cfg.Seed = rand.Uint64()
+	}
+	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	callers, err := dial(dialCtx, cfg)
+	if err != nil {
+		return Result{}, err
+	}
+	defer func() {
+		for _, c := range callers {
+			c.close()
+		}
+	}()
+
+	t0 := time.Now()
+	winStart := t0.Add(cfg.Warmup)
+	winEnd := winStart.Add(cfg.Duration)
+	// Calls stuck past the end (a wedged server) are cut by closing the
+	// connections; the workers then see errors and stop.
+	runCtx, stopRun := context.WithDeadline(ctx, winEnd.Add(5*time.Second))
+	defer stopRun()
+
+	var (
+		seq     atomic.Uint64
+		wg      sync.WaitGroup
+		tallies = make([]*tally, cfg.Concurrency)
+	)
+	estimate := int(float64(cfg.Duration/time.Second+1) * 40_000 / float64(cfg.Concurrency))
+	for w := range cfg.Concurrency {
+		tl := &tally{byStatus: map[int]uint64{}}
+		if cfg.Slot > 0 {
+			tl.samples = make([]sample, 0, estimate)
+		}
+		tallies[w] = tl
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work(runCtx, cfg, callers[w%len(callers)].newCallFunc(), tl, &seq, uint64(w), winStart, winEnd)
+		}()
+	}
+
+	var begin, end Sample
+	probeDone := make(chan struct{})
+	go func() {
+		defer close(probeDone)
+		if cfg.Probe == nil {
+			return
+		}
+		if !sleepUntil(runCtx, winStart) {
+			return
+		}
+		begin = cfg.Probe()
+		if !sleepUntil(runCtx, winEnd) {
+			return
+		}
+		end = cfg.Probe()
+	}()
+
+	wg.Wait()
+	stopRun()
+	<-probeDone
+	if err := ctx.Err(); err != nil {
+		return Result{}, err
+	}
+
+	res := Result{Start: winStart, Seconds: cfg.Duration.Seconds(), ByStatus: map[int]uint64{}}
+	var all Histogram
+	for _, tl := range tallies {
+		all.Merge(&tl.hist)
+		for s, n := range tl.byStatus {
+			res.ByStatus[s] += n
+		}
+		res.Errors += tl.errors
+		if tl.firstErr != nil && res.FirstErr == "" {
+			res.FirstErr = tl.firstErr.Error()
+		}
+	}
+	res.Requests = all.Count()
+	res.PerSecond = float64(res.Requests) / res.Seconds
+	res.Latency = all.Sparse()
+	if cfg.Probe != nil {
+		res.ServerCPUSeconds = (end.ServerCPU - begin.ServerCPU).Seconds()
+		res.GenCPUSeconds = (end.GenCPU - begin.GenCPU).Seconds()
+		res.ServerRSS, res.ServerHWM = end.ServerRSS, end.ServerHWM
+	}
+	if cfg.Slot > 0 {
+		res.Timeline = timeline(tallies, cfg.Slot, cfg.Duration)
+	}
+	return res, nil
+}
+
+func sleepUntil(ctx context.Context, t time.Time) bool {
+	tm := time.NewTimer(time.Until(t))
+	defer tm.Stop()
+	select {
+	case <-tm.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func work(ctx context.Context, cfg Config, call callFunc, tl *tally, seq *atomic.Uint64, w uint64, winStart, winEnd time.Time) {
+	rnd := rand.New(rand.NewPCG(cfg.Seed, w))
+	buf := make([]byte, 0, cfg.Source.MaxLen())
+	for ctx.Err() == nil {
+		n := seq.Add(1)
+		if n > cfg.MaxRequests {
+			return
+		}
+		buf = cfg.Source.Fill(buf[:0], n, rnd)
+		start := time.Now()
+		if !start.Before(winEnd) {
+			return
+		}
+		resp, err := call(ctx, buf)
+		end := time.Now()
+		if end.Before(winStart) {
+			if err != nil && ctx.Err() == nil {
+				// A failure during warm-up is a failure of the phase.
+				tl.errors++
+				if tl.firstErr == nil {
+					tl.firstErr = err
+				}
+				return
+			}
+			continue
+		}
+		if !end.Before(winEnd) {
+			return // answered after the window: not counted
+		}
+		lat := end.Sub(start)
+		if err == nil {
+			var o Outcome
+			if o, err = DecodeOutcome(resp); err == nil {
+				tl.byStatus[o.HTTPStatus]++
+			}
+		}
+		if err != nil {
+			tl.errors++
+			if tl.firstErr == nil {
+				tl.firstErr = err
+			}
+			if ctx.Err() != nil || errors.Is(err, ErrConnClosed) {
+				return
+			}
+			continue
+		}
+		tl.hist.Record(lat)
+		if tl.samples != nil {
+			tl.samples = append(tl.samples, sample{end: end.Sub(winStart), lat: lat})
+		}
+	}
+}
+
+func timeline(tallies []*tally, slot, window time.Duration) []Slot {
+	n := int((window + slot - 1) / slot)
+	hs := make([]Histogram, n)
+	for _, tl := range tallies {
+		for _, s := range tl.samples {
+			i := int(s.end / slot)
+			if i >= 0 && i < n {
+				hs[i].Record(s.lat)
+			}
+		}
+	}
+	out := make([]Slot, n)
+	for i := range hs {
+		out[i] = Slot{Offset: time.Duration(i) * slot, Latency: hs[i].Sparse()}
+	}
+	return out
+}
+
+func dial(ctx context.Context, cfg Config) ([]caller, error) {
+	var out []caller
+	fail := func(err error) ([]caller, error) {
+		for _, c := range out {
+			c.close()
+		}
+		return nil, err
+	}
+	for range cfg.Conns {
+		switch cfg.Client {
+		case ClientH2, "":
+			c, err := DialH2(ctx, cfg.Addr, cfg.Timeout)
+			if err != nil {
+				return fail(fmt.Errorf("dial %s: %w", cfg.Addr, err))
+			}
+			out = append(out, h2caller{conn: c})
+		case ClientGRPC:
+			cc, err := grpc.NewClient(cfg.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithDefaultCallOptions(grpc.ForceCodecV2(rawCodec{})))
+			if err != nil {
+				return fail(fmt.Errorf("dial %s: %w", cfg.Addr, err))
+			}
+			cc.Connect()
+			out = append(out, grpcCaller{cc: cc, timeout: cfg.Timeout})
+		default:
+			return fail(fmt.Errorf("%w: unknown client %q", errConfig, cfg.Client))
+		}
+	}
+	return out, nil
+}
+
+// h2caller makes calls on an H2Conn.
+type h2caller struct{ conn *H2Conn }
+
+func (h h2caller) newCallFunc() callFunc {
+	c := NewCall()
+	return func(ctx context.Context, req []byte) ([]byte, error) {
+		c.Req = req
+		h.conn.Do(c)
+		select {
+		case <-c.Done:
+		case <-ctx.Done():
+			// The call may still complete: abandon its Call for a new one.
+			c = NewCall()
+			return nil, ctx.Err()
+		}
+		if c.Err != nil {
+			return nil, c.Err
+		}
+		if c.Status != 0 {
+			return nil, fmt.Errorf("grpc-status %d", c.Status)
+		}
+		return c.Resp, nil
+	}
+}
+
+func (h h2caller) close() { h.conn.Close() }
+
+// grpcCaller makes calls with grpc-go's client, request and response passed
+// through as bytes by rawCodec.
+type grpcCaller struct {
+	cc      *grpc.ClientConn
+	timeout time.Duration
+}
+
+func (g grpcCaller) newCallFunc() callFunc {
+	var resp []byte
+	return func(ctx context.Context, req []byte) ([]byte, error) {
+		if g.timeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, g.timeout)
+			defer cancel()
+		}
+		if err := g.cc.Invoke(ctx, checkPath, &req, &resp); err != nil {
+			if s, ok := status.FromError(err); ok {
+				return nil, fmt.Errorf("grpc: %s: %s", s.Code(), s.Message())
+			}
+			return nil, err
+		}
+		return resp, nil
+	}
+}
+
+func (g grpcCaller) close() { g.cc.Close() }
+
+// rawCodec sends a *[]byte as the message and receives into one: the
+// messages are already encoded.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	p, ok := v.(*[]byte)
+	if !ok {
+		return nil, fmt.Errorf("%w: rawCodec takes *[]byte, not %T", errConfig, v)
+	}
+	return mem.BufferSlice{mem.SliceBuffer(*p)}, nil
+}
+
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	p, ok := v.(*[]byte)
+	if !ok {
+		return fmt.Errorf("%w: rawCodec takes *[]byte, not %T", errConfig, v)
+	}
+	*p = data.Materialize()
+	return nil
+}
+
+func (rawCodec) Name() string { return "proto" }
