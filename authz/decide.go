@@ -6,7 +6,6 @@ import (
 	"strconv"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 
 	"github.com/keygate/keygate/authz/ratelimit"
@@ -14,74 +13,68 @@ import (
 	"github.com/keygate/keygate/keystore"
 )
 
-// decide applies the steps of the decision in the order the design gives
-// them and returns the response with the denial it carries (nil when allowed).
-func (s *Server) decide(req *authv3.CheckRequest, now time.Time) (*authv3.CheckResponse, *Denial) {
-	h := req.GetAttributes().GetRequest().GetHttp() // nil-safe: an empty request is unauthenticated
+// A grant is what an allowed request gets: the key and its rate-limit state.
+// On a rate-limit denial it carries the state for the response headers.
+type grant struct {
+	key  *keystore.Key
+	rate ratelimit.Rate
+	lim  ratelimit.Decision
+}
 
-	// 1. Authenticate.
+// decide applies the steps of the decision in the order the design gives
+// them: a grant, or the first denial. It reads only memory and allocates
+// nothing on the allow path.
+func (s *Server) decide(h *authv3.AttributeContext_HttpRequest, now time.Time) (grant, *Denial) {
+	// 1. Authenticate. h may be nil: an empty request is unauthenticated.
 	auth, ok := header(h, "authorization")
 	if !ok {
-		return s.respNoKey, denyNoKey
+		return grant{}, denyNoKey
 	}
 	secret, ok := bearer(auth)
 	if !ok {
-		return s.respNoKey, denyNoKey
+		return grant{}, denyNoKey
 	}
 	key, ok := s.keys.Lookup(secret, now)
 	if !ok {
-		return s.respBadKey, denyBadKey // unknown, revoked, expired and malformed read the same
+		return grant{}, denyBadKey // unknown, revoked, expired and malformed read the same
 	}
 
-	// 2. Refuse paths that could read differently upstream.
+	// 2. Refuse paths that an upstream could read differently than the table.
 	path, ok := route.CleanPath(h.GetPath())
 	if !ok {
-		return s.respBadPath, denyBadPath
+		return grant{}, denyBadPath
 	}
 
 	// 3. Authorize.
 	rt, ok := s.routes.Match(h.GetMethod(), path)
 	if !ok {
-		d := &Denial{Status: 403, Type: typePermission, Reason: "no_route",
+		return grant{}, &Denial{Status: 403, Type: typePermission, Reason: "no_route",
 			Message: fmt.Sprintf("No route matches %s %s, so no scope allows it", printable(h.GetMethod()), printable(path))}
-		return d.response(), d
 	}
 	if !key.HasScope(rt.Scope) {
-		return s.respScope[rt.Scope], scopeDenial(rt.Scope)
+		return grant{}, s.denyScope[rt.Scope]
 	}
 
 	// 4. Rate limit.
-	rate := s.rateFor(key)
-	lim := s.limiter.Allow(key.ID, rate, now)
-	if !lim.OK {
-		d := &Denial{Status: 429, Type: typeRateLimit, Reason: "rate_limit",
-			Message: fmt.Sprintf("Rate limit of %s exceeded for this API key; retry after %ds", rate, retrySeconds(lim.RetryAfter))}
-		extra := append(rateHeaders(rate, lim), hv("retry-after", strconv.FormatInt(retrySeconds(lim.RetryAfter), 10)))
-		return d.response(extra...), d
+	g := grant{key: key, rate: s.rateFor(key)}
+	g.lim = s.limiter.Allow(key.ID, g.rate, now)
+	if !g.lim.OK {
+		return g, &Denial{Status: 429, Type: typeRateLimit, Reason: "rate_limit", RetryAfter: g.lim.RetryAfter,
+			Message: fmt.Sprintf("Rate limit of %s exceeded for this API key; retry after %ds", g.rate, retrySeconds(g.lim.RetryAfter))}
 	}
 
 	// 5. Spend.
 	if err := s.keys.Debit(key, rt.Price); err != nil {
-		switch {
-		case errors.Is(err, keystore.ErrSpendCap):
-			return s.respSpendCap, denySpendCap
-		default: // ErrInsufficientBalance, or any ledger failure: never allow unpaid
-			return s.respBalance, denyBalance
+		if errors.Is(err, keystore.ErrSpendCap) {
+			return g, denySpendCap
 		}
+		return g, denyBalance // ErrInsufficientBalance, or any ledger failure: never allow unpaid
 	}
 	if rt.Price > 0 {
 		s.m.debit(rt.Price)
 	}
-
-	// 6. Allow.
-	var rh = noRateHeaders
-	if !rate.IsZero() {
-		rh = rateHeaders(rate, lim)
-	}
-	return allowResponse(key.ID, key.Account, rh), nil
+	return g, nil
 }
-
-var noRateHeaders []*corev3.HeaderValueOption
 
 // rateFor returns the key's own limit, else its account tier's.
 func (s *Server) rateFor(k *keystore.Key) ratelimit.Rate {

@@ -26,48 +26,58 @@ const (
 // A Denial is a refused request: the HTTP status Envoy sends back and the JSON
 // body clients parse. Denials are counted in metrics, not logged as errors.
 type Denial struct {
-	Status  int    // 400, 401, 403 or 429
-	Type    string // one of the type* constants
-	Message string
-	Reason  string // stable metric label: no_key, invalid_key, bad_path, ...
+	Status     int    // 400, 401, 403 or 429
+	Type       string // one of the type* constants
+	Message    string
+	Reason     string        // stable metric label: no_key, invalid_key, bad_path, ...
+	RetryAfter time.Duration // > 0: a retry-after header and the rate-limit headers
+
+	// fixed is the whole response of a denial that never varies, built once
+	// so that a flood of garbage keys costs no more than allowed traffic.
+	// The gRPC codec only reads it, so every Check may share it.
+	fixed *authv3.CheckResponse
 }
 
-// The denials that never vary are built once, responses included, so that a
-// flood of garbage keys costs no more than allowed traffic.
+// fixed returns d with its response prebuilt.
+func fixed(d *Denial) *Denial {
+	d.fixed = d.build(grant{})
+	return d
+}
+
 var (
-	denyNoKey   = &Denial{Status: 401, Type: typeAuthentication, Message: "Invalid API key", Reason: "no_key"}
-	denyBadKey  = &Denial{Status: 401, Type: typeAuthentication, Message: "Invalid API key", Reason: "invalid_key"}
-	denyBadPath = &Denial{Status: 400, Type: typeInvalidRequest, Reason: "bad_path",
-		Message: "The request path is not allowed: it contains dot segments, empty segments, a backslash or an encoded slash, dot or percent"}
-	denyBalance = &Denial{Status: 429, Type: typeQuota, Reason: "balance",
-		Message: "Your account balance is too low for this request; add credit to continue"}
-	denySpendCap = &Denial{Status: 429, Type: typeQuota, Reason: "spend_cap",
-		Message: "This API key has reached its spending cap"}
+	denyNoKey   = fixed(&Denial{Status: 401, Type: typeAuthentication, Message: "Invalid API key", Reason: "no_key"})
+	denyBadKey  = fixed(&Denial{Status: 401, Type: typeAuthentication, Message: "Invalid API key", Reason: "invalid_key"})
+	denyBadPath = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "bad_path",
+		Message: "The request path is not allowed: it contains a dot segment, an empty segment, a backslash, a control character or a needless percent-encoding"})
+	denyBalance = fixed(&Denial{Status: 429, Type: typeQuota, Reason: "balance",
+		Message: "Your account balance is too low for this request; add credit to continue"})
+	denySpendCap = fixed(&Denial{Status: 429, Type: typeQuota, Reason: "spend_cap",
+		Message: "This API key has reached its spending cap"})
 )
 
-// body renders the JSON error body {"error":{"type":...,"message":...}}.
-func (d *Denial) body() string {
-	b, _ := json.Marshal(struct {
-		Error struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
-		} `json:"error"`
-	}{Error: struct {
-		Type    string `json:"type"`
-		Message string `json:"message"`
-	}{d.Type, d.Message}})
-	return string(b)
+func scopeDenial(scope string) *Denial {
+	return fixed(&Denial{Status: 403, Type: typePermission, Reason: "scope",
+		Message: "This API key does not have the required scope: " + scope})
 }
 
-// response builds the DeniedHttpResponse for d. extra headers (retry-after,
-// rate-limit headers) follow the fixed ones.
-func (d *Denial) response(extra ...*corev3.HeaderValueOption) *authv3.CheckResponse {
-	hdrs := make([]*corev3.HeaderValueOption, 0, 2+len(extra))
-	hdrs = append(hdrs, hv("content-type", "application/json"))
+// response returns the CheckResponse for d; g supplies the rate-limit state
+// of a rate-limit denial.
+func (d *Denial) response(g grant) *authv3.CheckResponse {
+	if d.fixed != nil {
+		return d.fixed
+	}
+	return d.build(g)
+}
+
+func (d *Denial) build(g grant) *authv3.CheckResponse {
+	hdrs := []*corev3.HeaderValueOption{hv("content-type", "application/json")}
 	if d.Status == 401 {
 		hdrs = append(hdrs, hv("www-authenticate", "Bearer"))
 	}
-	hdrs = append(hdrs, extra...)
+	if d.RetryAfter > 0 {
+		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(d.RetryAfter), 10)))
+		hdrs = append(hdrs, rateHeaders(make([]corev3.HeaderValueOption, numRateHeaders), g.rate, g.lim)...)
+	}
 	c := code.Code_PERMISSION_DENIED
 	if d.Status == 401 {
 		c = code.Code_UNAUTHENTICATED
@@ -80,6 +90,18 @@ func (d *Denial) response(extra ...*corev3.HeaderValueOption) *authv3.CheckRespo
 			Body:    d.body(),
 		}},
 	}
+}
+
+// body renders the JSON error body {"error":{"type":...,"message":...}}.
+func (d *Denial) body() string {
+	type detail struct {
+		Type    string `json:"type"`
+		Message string `json:"message"`
+	}
+	b, _ := json.Marshal(struct {
+		Error detail `json:"error"`
+	}{detail{d.Type, d.Message}})
+	return string(b)
 }
 
 // hv is a header that replaces any header of the same name.
@@ -99,37 +121,72 @@ func retrySeconds(d time.Duration) int64 {
 	return s
 }
 
-// rateHeaders are the x-ratelimit-* headers (OpenAI's names) and the IETF
-// RateLimit-Policy / RateLimit pair describing the key's bucket after this request.
-func rateHeaders(r ratelimit.Rate, d ratelimit.Decision) []*corev3.HeaderValueOption {
-	reset := retrySeconds(d.Reset)
-	if d.Reset <= 0 {
-		reset = 0
+const numRateHeaders = 5
+
+// rateHeaders fills opts with the x-ratelimit-* headers (OpenAI's names) and
+// the IETF RateLimit-Policy / RateLimit pair for the key's bucket after this
+// request, and returns pointers to them.
+func rateHeaders(opts []corev3.HeaderValueOption, r ratelimit.Rate, d ratelimit.Decision) []*corev3.HeaderValueOption {
+	var reset int64
+	if d.Reset > 0 {
+		reset = retrySeconds(d.Reset)
 	}
 	limit := strconv.FormatInt(d.Limit, 10)
 	remaining := strconv.FormatInt(d.Remaining, 10)
-	return []*corev3.HeaderValueOption{
-		hv("x-ratelimit-limit-requests", limit),
-		hv("x-ratelimit-remaining-requests", remaining),
-		hv("x-ratelimit-reset-requests", strconv.FormatInt(reset, 10)+"s"),
-		hv("ratelimit-policy", `"keygate";q=`+limit+";w="+strconv.FormatInt(int64(r.Per/time.Second), 10)),
-		hv("ratelimit", `"keygate";r=`+remaining+";t="+strconv.FormatInt(reset, 10)),
+	resetS := strconv.FormatInt(reset, 10)
+	vals := [numRateHeaders][2]string{
+		{"x-ratelimit-limit-requests", limit},
+		{"x-ratelimit-remaining-requests", remaining},
+		{"x-ratelimit-reset-requests", resetS + "s"},
+		{"ratelimit-policy", `"keygate";q=` + limit + ";w=" + strconv.FormatInt(int64(r.Per/time.Second), 10)},
+		{"ratelimit", `"keygate";r=` + remaining + ";t=" + resetS},
 	}
+	hvs := make([]corev3.HeaderValue, numRateHeaders)
+	out := make([]*corev3.HeaderValueOption, numRateHeaders)
+	for i, kv := range vals {
+		hvs[i].Key, hvs[i].Value = kv[0], kv[1]
+		opts[i].Header = &hvs[i]
+		opts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+		out[i] = &opts[i]
+	}
+	return out
+}
+
+// allowParts is every message of an allow response, allocated together: one
+// allocation instead of a dozen on the hot path.
+type allowParts struct {
+	resp    authv3.CheckResponse
+	ok      authv3.CheckResponse_OkResponse
+	okResp  authv3.OkHttpResponse
+	status  rpcstatus.Status
+	idOpts  [2]corev3.HeaderValueOption
+	idVals  [2]corev3.HeaderValue
+	idPtrs  [2]*corev3.HeaderValueOption
+	rateOpt [numRateHeaders]corev3.HeaderValueOption
 }
 
 // allowResponse lets the request through: the key never leaves the edge and
 // the identity headers overwrite anything the client sent. Envoy applies
 // headers_to_remove after the headers it sets, so only authorization is
 // removed here.
-func allowResponse(keyID, account string, rateHdrs []*corev3.HeaderValueOption) *authv3.CheckResponse {
-	return &authv3.CheckResponse{
-		Status: &rpcstatus.Status{Code: int32(code.Code_OK)},
-		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{
-			Headers:              []*corev3.HeaderValueOption{hv("x-keygate-key-id", keyID), hv("x-keygate-account", account)},
-			HeadersToRemove:      removeAuthorization,
-			ResponseHeadersToAdd: rateHdrs,
-		}},
+func allowResponse(keyID, account string, r ratelimit.Rate, d ratelimit.Decision) *authv3.CheckResponse {
+	p := new(allowParts)
+	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: keyID}
+	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: account}
+	for i := range p.idOpts {
+		p.idOpts[i].Header = &p.idVals[i]
+		p.idOpts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+		p.idPtrs[i] = &p.idOpts[i]
 	}
+	p.okResp.Headers = p.idPtrs[:]
+	p.okResp.HeadersToRemove = removeAuthorization
+	if !r.IsZero() {
+		p.okResp.ResponseHeadersToAdd = rateHeaders(p.rateOpt[:], r, d)
+	}
+	p.ok.OkResponse = &p.okResp
+	p.resp.Status = &p.status // code OK is the zero value
+	p.resp.HttpResponse = &p.ok
+	return &p.resp
 }
 
 // removeAuthorization is shared by every allow response; the gRPC codec only

@@ -3,7 +3,6 @@ package authz
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -48,9 +47,8 @@ type Server struct {
 	now      func() time.Time
 	m        *metrics
 
-	// Precomputed responses for denials that never vary.
-	respNoKey, respBadKey, respBadPath, respBalance, respSpendCap *authv3.CheckResponse
-	respScope                                                     map[string]*authv3.CheckResponse // by scope
+	// denyScope holds one Denial per scope, responses included.
+	denyScope map[string]*Denial
 }
 
 var _ authv3.AuthorizationServer = (*Server)(nil)
@@ -81,14 +79,9 @@ func New(c Config) (*Server, error) {
 		return nil, err
 	}
 	s.m = m
-	s.respNoKey = denyNoKey.response()
-	s.respBadKey = denyBadKey.response()
-	s.respBadPath = denyBadPath.response()
-	s.respBalance = denyBalance.response()
-	s.respSpendCap = denySpendCap.response()
-	s.respScope = map[string]*authv3.CheckResponse{}
+	s.denyScope = map[string]*Denial{}
 	for _, scope := range c.Routes.Scopes() {
-		s.respScope[scope] = scopeDenial(scope).response()
+		s.denyScope[scope] = scopeDenial(scope)
 	}
 	return s, nil
 }
@@ -97,20 +90,31 @@ func New(c Config) (*Server, error) {
 // request, malformed ones included, gets an allow or a denial.
 func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	now := s.now()
-	resp, d := s.decide(req, now)
-	s.m.observe(d, time.Since(now))
-	if d != nil {
+	h := req.GetAttributes().GetRequest().GetHttp()
+	g, d := s.decide(h, now)
+	var resp *authv3.CheckResponse
+	if d == nil {
+		resp = s.allow(g)
+	} else {
+		resp = d.response(g)
 		if ce := s.log.Check(zap.DebugLevel, "denied"); ce != nil {
-			h := req.GetAttributes().GetRequest().GetHttp()
 			ce.Write(zap.Int("status", d.Status), zap.String("reason", d.Reason),
 				zap.String("method", h.GetMethod()), zap.String("path", h.GetPath()),
-				zap.String("request_id", h.GetId()))
+				zap.String("request_id", h.GetId()), zap.String("key_id", g.keyID()))
 		}
 	}
+	s.m.observe(d, time.Since(now))
 	return resp, nil
 }
 
-func scopeDenial(scope string) *Denial {
-	return &Denial{Status: 403, Type: typePermission, Reason: "scope",
-		Message: fmt.Sprintf("This API key does not have the required scope: %s", scope)}
+func (g grant) keyID() string {
+	if g.key == nil {
+		return ""
+	}
+	return g.key.ID
+}
+
+// allow builds the response for a granted request.
+func (s *Server) allow(g grant) *authv3.CheckResponse {
+	return allowResponse(g.key.ID, g.key.Account, g.rate, g.lim)
 }

@@ -1,0 +1,162 @@
+package authz
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/authz/route"
+	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/keystoretest"
+	"github.com/keygate/keygate/keystore/money"
+)
+
+// benchServer is a Server over a real store with nKeys keys across
+// nKeys/10 accounts with balances that never run out, every key allowed
+// every route at a rate that never trips.
+func benchServer(b *testing.B, nKeys int) (*Server, []string) {
+	b.Helper()
+	st := keystoretest.Open(b)
+	now := time.Now()
+	secrets := make([]string, 0, nKeys)
+	for i := 0; i < nKeys; i++ {
+		acct := fmt.Sprintf("acct-%d", i/10)
+		if i%10 == 0 {
+			if _, err := st.CreateAccount(acct, "", money.Max/4, now); err != nil {
+				b.Fatal(err)
+			}
+		}
+		_, s, err := st.CreateKey(keystore.NewKey{Account: acct, Scopes: []string{"chat:write", "chat:read"},
+			RateLimit: ratelimit.Rate{N: 1_000_000_000, Per: time.Second}}, now)
+		if err != nil {
+			b.Fatal(err)
+		}
+		secrets = append(secrets, s)
+	}
+	routes, err := route.NewTable([]route.Spec{
+		{Method: "POST", Path: "/v1/chat/completions", Scope: "chat:write", Price: 2000},
+		{Method: "GET", PathPrefix: "/v1/chat/completions/", Scope: "chat:read"},
+		{Method: "POST", Path: "/v1/embeddings", Scope: "embeddings:write", Price: 100},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, err := New(Config{Keys: st, Routes: routes})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s, secrets
+}
+
+// envoyRequest is a Check as Envoy sends it: every header it forwards.
+func envoyRequest(method, path, secret string, i int) *authv3.CheckRequest {
+	id := fmt.Sprintf("9f0c6a4e-8d1b-4c1e-a7c5-%012d", i)
+	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Source:      &authv3.AttributeContext_Peer{},
+		Destination: &authv3.AttributeContext_Peer{},
+		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+			Id: id, Method: method, Path: path, Host: "api.example.com", Scheme: "https", Protocol: "HTTP/2",
+			Headers: map[string]string{
+				":method": method, ":path": path, ":authority": "api.example.com", ":scheme": "https",
+				"authorization": "Bearer " + secret, "content-type": "application/json",
+				"user-agent": "openai-python/1.54.0", "accept": "application/json",
+				"x-request-id": id, "x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7",
+				"content-length": "512", "x-envoy-expected-rq-timeout-ms": "60000",
+			},
+		}},
+	}}
+}
+
+func requests(secrets []string, method, path string) []*authv3.CheckRequest {
+	out := make([]*authv3.CheckRequest, len(secrets))
+	for i, s := range secrets {
+		out[i] = envoyRequest(method, path, s, i)
+	}
+	return out
+}
+
+// BenchmarkDecide is the in-process decision (auth, path, scope, rate limit,
+// debit) on the allow path with a price, in parallel over 10,000 keys.
+func BenchmarkDecide(b *testing.B) {
+	s, secrets := benchServer(b, 10_000)
+	reqs := requests(secrets, "POST", "/v1/chat/completions")
+	var next atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			r := reqs[next.Add(1)%uint64(len(reqs))]
+			if _, d := s.decide(r.GetAttributes().GetRequest().GetHttp(), time.Now()); d != nil {
+				b.Fatalf("denied: %s", d.Message)
+			}
+		}
+	})
+}
+
+// BenchmarkCheck is the whole handler: decision, metrics and the response.
+func BenchmarkCheck(b *testing.B) {
+	s, secrets := benchServer(b, 10_000)
+	cases := []struct {
+		name string
+		reqs []*authv3.CheckRequest
+	}{
+		{"allow/priced", requests(secrets, "POST", "/v1/chat/completions")},
+		{"allow/free", requests(secrets, "GET", "/v1/chat/completions/abc")},
+		{"deny/unknown-key", requests(unknownSecrets(len(secrets)), "POST", "/v1/chat/completions")},
+		{"deny/garbage-key", requests(garbage(len(secrets)), "POST", "/v1/chat/completions")},
+		{"deny/path", requests(secrets, "POST", "/v1/../admin")},
+	}
+	for _, c := range cases {
+		b.Run(c.name, func(b *testing.B) {
+			var next atomic.Uint64
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := s.Check(context.Background(), c.reqs[next.Add(1)%uint64(len(c.reqs))]); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkCheckMarshal adds encoding the response, as gRPC does after Check.
+func BenchmarkCheckMarshal(b *testing.B) {
+	s, secrets := benchServer(b, 1000)
+	reqs := requests(secrets, "POST", "/v1/chat/completions")
+	var next atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, _ := s.Check(context.Background(), reqs[next.Add(1)%uint64(len(reqs))])
+			if _, err := proto.Marshal(resp); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+func unknownSecrets(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("kg_%038d", i)
+	}
+	return out
+}
+
+func garbage(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("sk-%d-not-a-keygate-key", i)
+	}
+	return out
+}
