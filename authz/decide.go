@@ -6,8 +6,6 @@ import (
 	"strconv"
 	"time"
 
-	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
-
 	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/authz/route"
 	"github.com/keygate/keygate/keystore"
@@ -24,13 +22,12 @@ type grant struct {
 // decide applies the steps of the decision in the order the design gives
 // them: a grant, or the first denial. It reads only memory and allocates
 // nothing on the allow path.
-func (s *Server) decide(h *authv3.AttributeContext_HttpRequest, now time.Time) (grant, *Denial) {
-	// 1. Authenticate. h may be nil: an empty request is unauthenticated.
-	auth, ok := header(h, "authorization")
-	if !ok {
+func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
+	// 1. Authenticate.
+	if r.authCount != 1 {
 		return grant{}, denyNoKey
 	}
-	secret, ok := bearer(auth)
+	secret, ok := bearer(r.auth)
 	if !ok {
 		return grant{}, denyNoKey
 	}
@@ -40,16 +37,16 @@ func (s *Server) decide(h *authv3.AttributeContext_HttpRequest, now time.Time) (
 	}
 
 	// 2. Refuse paths that an upstream could read differently than the table.
-	path, ok := route.CleanPath(h.GetPath())
+	path, ok := route.CleanPath(r.path)
 	if !ok {
 		return grant{}, denyBadPath
 	}
 
 	// 3. Authorize.
-	rt, ok := s.routes.Match(h.GetMethod(), path)
+	rt, ok := s.routes.Match(r.method, path)
 	if !ok {
 		return grant{}, &Denial{Status: 403, Type: typePermission, Reason: "no_route",
-			Message: fmt.Sprintf("No route matches %s %s, so no scope allows it", printable(h.GetMethod()), printable(path))}
+			Message: fmt.Sprintf("No route matches %s %s, so no scope allows it", printable(r.method), printable(path))}
 	}
 	if !key.HasScope(rt.Scope) {
 		return grant{}, s.denyScope[rt.Scope]

@@ -3,39 +3,43 @@ package authz
 import (
 	"strings"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+
+	"github.com/keygate/keygate/authz/wire"
 )
 
-// header returns the value of the named header (name in lower case) from the
-// Check's headers map or, when Envoy sends raw headers, from its header_map.
-// ok is false when the header is absent or, in a header_map, repeated: two
-// authorization headers are ambiguous and refused rather than guessed at.
-func header(h *authv3.AttributeContext_HttpRequest, name string) (string, bool) {
-	if v, ok := h.GetHeaders()[name]; ok {
-		return v, true
-	}
-	var (
-		val   string
-		found bool
-	)
-	for _, hv := range h.GetHeaderMap().GetHeaders() {
-		if !strings.EqualFold(hv.GetKey(), name) {
-			continue
-		}
-		if found {
-			return "", false
-		}
-		val, found = rawValue(hv), true
-	}
-	return val, found
+// request is what the decision reads from a Check, whichever way it was
+// decoded: from the wire by wire.Request on the served path, or from a
+// generated CheckRequest when Server is called as a plain
+// AuthorizationServer.
+type request struct {
+	id, method, path string
+	auth             string // the authorization header
+	authCount        int    // more than one is ambiguous
 }
 
-func rawValue(hv *corev3.HeaderValue) string {
-	if raw := hv.GetRawValue(); raw != nil {
-		return string(raw)
+func fromWire(r *wire.Request) request {
+	return request{id: r.ID, method: r.Method, path: r.Path, auth: r.Authorization, authCount: r.AuthorizationCount}
+}
+
+// fromProto reads the same fields as wire.Request.Decode: the headers map
+// first, then Envoy's raw header_map.
+func fromProto(h *authv3.AttributeContext_HttpRequest) request {
+	r := request{id: h.GetId(), method: h.GetMethod(), path: h.GetPath()}
+	if v, ok := h.GetHeaders()["authorization"]; ok {
+		r.auth, r.authCount = v, 1
+		return r
 	}
-	return hv.GetValue()
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if strings.EqualFold(hv.GetKey(), "authorization") {
+			r.auth = hv.GetValue()
+			if raw := hv.GetRawValue(); len(raw) > 0 {
+				r.auth = string(raw)
+			}
+			r.authCount++
+		}
+	}
+	return r
 }
 
 // bearer extracts the credential from an Authorization header value of the

@@ -53,6 +53,11 @@ var (
 		Message: "Your account balance is too low for this request; add credit to continue"})
 	denySpendCap = fixed(&Denial{Status: 429, Type: typeQuota, Reason: "spend_cap",
 		Message: "This API key has reached its spending cap"})
+	denyMalformed = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "malformed",
+		Message: "The authorization request could not be decoded"})
+	// denyInternal answers a Check that hit a bug: refused, never allowed.
+	denyInternal = fixed(&Denial{Status: 503, Type: "api_error", Reason: "internal",
+		Message: "The authorization service failed on this request"})
 )
 
 func scopeDenial(scope string) *Denial {

@@ -87,11 +87,18 @@ func New(c Config) (*Server, error) {
 }
 
 // Check answers one ext_authz request. It never returns an error: every
-// request, malformed ones included, gets an allow or a denial.
+// request, malformed ones included, gets an allow or a denial. The served
+// path (NewGRPCServer) decodes requests with package wire and calls check
+// directly; Check is the same decision for callers holding a generated
+// CheckRequest.
 func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	r := fromProto(req.GetAttributes().GetRequest().GetHttp())
+	return s.check(&r), nil
+}
+
+func (s *Server) check(r *request) *authv3.CheckResponse {
 	now := s.now()
-	h := req.GetAttributes().GetRequest().GetHttp()
-	g, d := s.decide(h, now)
+	g, d := s.decide(r, now)
 	var resp *authv3.CheckResponse
 	if d == nil {
 		resp = s.allow(g)
@@ -99,12 +106,12 @@ func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.Che
 		resp = d.response(g)
 		if ce := s.log.Check(zap.DebugLevel, "denied"); ce != nil {
 			ce.Write(zap.Int("status", d.Status), zap.String("reason", d.Reason),
-				zap.String("method", h.GetMethod()), zap.String("path", h.GetPath()),
-				zap.String("request_id", h.GetId()), zap.String("key_id", g.keyID()))
+				zap.String("method", r.method), zap.String("path", r.path),
+				zap.String("request_id", r.id), zap.String("key_id", g.keyID()))
 		}
 	}
 	s.m.observe(d, time.Since(now))
-	return resp, nil
+	return resp
 }
 
 func (g grant) keyID() string {

@@ -34,6 +34,7 @@ var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 // over real gRPC.
 type fixture struct {
 	store  *keystore.Store
+	srv    *authz.Server
 	client authv3.AuthorizationClient
 	now    atomic.Pointer[time.Time]
 	logs   *observer.ObservedLogs
@@ -68,18 +69,19 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.srv = srv
 	f.client = dial(t, srv)
 	return f
 }
 
 func (f *fixture) setNow(t time.Time) { f.now.Store(&t) }
 
-// dial serves srv on an in-memory listener and returns a real gRPC client.
-func dial(t testing.TB, srv authv3.AuthorizationServer) authv3.AuthorizationClient {
+// dial serves srv as keygate serves it (NewGRPCServer: wire decoding) on an
+// in-memory listener and returns a real gRPC client.
+func dial(t testing.TB, srv *authz.Server) authv3.AuthorizationClient {
 	t.Helper()
 	lis := bufconn.Listen(1 << 20)
-	gs := grpc.NewServer()
-	authv3.RegisterAuthorizationServer(gs, srv)
+	gs := authz.NewGRPCServer(srv)
 	go gs.Serve(lis) //nolint:errcheck
 	t.Cleanup(gs.Stop)
 	cc, err := grpc.NewClient("passthrough:///bufnet",
@@ -173,7 +175,7 @@ func toOutcome(t testing.TB, resp *authv3.CheckResponse) outcome {
 func TestDecide(t *testing.T) {
 	f := newFixture(t)
 	f.account(t, "acme", "free", 100*money.PerUSD)
-	_, secret := f.key(t, keystore.NewKey{Account: "acme", Scopes: []string{"chat:write", "chat:read"}})
+	_, secret := f.key(t, keystore.NewKey{Account: "acme", Scopes: []string{"chat:write", "chat:read"}, RateLimit: ratelimit.Rate{N: 100, Per: time.Second}})
 	revoked, revokedSecret := f.key(t, keystore.NewKey{Account: "acme", Scopes: []string{"chat:write"}})
 	if _, err := f.store.Revoke(revoked.ID, t0); err != nil {
 		t.Fatal(err)
@@ -212,6 +214,13 @@ func TestDecide(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got := f.check(t, tt.give)
+			direct, err := f.srv.Check(context.Background(), tt.give)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := toOutcome(t, direct); d.status != got.status || d.message != got.message {
+				t.Errorf("served path says %d %q, generated-message path says %d %q", got.status, got.message, d.status, d.message)
+			}
 			if got.status != tt.status || got.typ != tt.typ || !strings.Contains(got.message, tt.message) {
 				t.Fatalf("got %d %s %q, want %d %s containing %q", got.status, got.typ, got.message, tt.status, tt.typ, tt.message)
 			}

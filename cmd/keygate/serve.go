@@ -150,8 +150,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		return fmt.Errorf("http listen: %w", err)
 	}
 
-	checkSrv := grpc.NewServer(authzServerOptions(log)...)
-	authv3.RegisterAuthorizationServer(checkSrv, az)
+	checkSrv := authz.NewGRPCServer(az, grpc.ChainUnaryInterceptor(recoverUnary(log)))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(checkSrv, hs)
 	hs.SetServingStatus(authv3.Authorization_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -246,14 +245,6 @@ func sweep(ctx context.Context, l *ratelimit.Limiter) {
 		case now := <-t.C:
 			l.Sweep(now)
 		}
-	}
-}
-
-// authzServerOptions tunes the Check server: Envoy keeps a few long-lived
-// HTTP/2 connections with many concurrent streams.
-func authzServerOptions(log *zap.Logger) []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(recoverUnary(log)),
 	}
 }
 

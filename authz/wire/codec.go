@@ -1,0 +1,76 @@
+package wire
+
+import (
+	"fmt"
+
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/protoadapt"
+)
+
+// Codec is gRPC's protobuf codec with two fast paths: a *Request is decoded
+// by Request.Decode, and a message with vtprotobuf marshalers (go-control-
+// plane generates them for every Envoy message, CheckResponse included) is
+// encoded with them into a pooled buffer. Everything else, such as
+// grpc.health.v1, goes through the generic protobuf code as usual.
+//
+// Install it with grpc.ForceServerCodecV2 on the server that serves Checks.
+type Codec struct{}
+
+var _ encoding.CodecV2 = Codec{}
+
+// Name is "proto": the content-subtype gRPC clients such as Envoy send.
+func (Codec) Name() string { return "proto" }
+
+type vtMarshaler interface {
+	SizeVT() int
+	MarshalToSizedBufferVTStrict([]byte) (int, error)
+}
+
+// Marshal encodes v.
+func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+	if m, ok := v.(vtMarshaler); ok {
+		size := m.SizeVT()
+		pool := mem.DefaultBufferPool()
+		buf := pool.Get(size)
+		if _, err := m.MarshalToSizedBufferVTStrict((*buf)[:size]); err != nil {
+			pool.Put(buf)
+			return nil, err
+		}
+		return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
+	}
+	msg := messageOf(v)
+	if msg == nil {
+		return nil, fmt.Errorf("wire: cannot marshal %T", v)
+	}
+	b, err := proto.Marshal(msg)
+	if err != nil {
+		return nil, err
+	}
+	return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+}
+
+// Unmarshal decodes data into v.
+func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
+	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
+	defer buf.Free()
+	if r, ok := v.(*Request); ok {
+		return r.Decode(buf.ReadOnlyData())
+	}
+	msg := messageOf(v)
+	if msg == nil {
+		return fmt.Errorf("wire: cannot unmarshal into %T", v)
+	}
+	return proto.Unmarshal(buf.ReadOnlyData(), msg)
+}
+
+func messageOf(v any) proto.Message {
+	switch v := v.(type) {
+	case protoadapt.MessageV2:
+		return v
+	case protoadapt.MessageV1:
+		return protoadapt.MessageV2Of(v)
+	}
+	return nil
+}
