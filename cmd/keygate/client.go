@@ -90,7 +90,7 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 	}
 	lis := bufconn.Listen(1 << 20)
 	gs := grpc.NewServer()
-	adminv1.RegisterAdminServer(gs, admin.New(store, cfg, nil))
+	adminv1.RegisterAdminServer(gs, admin.New(store, cfg))
 	go gs.Serve(lis) //nolint:errcheck // ends with gs.Stop below
 	cc, err := grpc.NewClient("passthrough:///keygate-db",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),

@@ -156,7 +156,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	hs.SetServingStatus(authv3.Authorization_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 
 	adminSrv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverUnary(log), admin.RequireToken(adminToken)))
-	adminv1.RegisterAdminServer(adminSrv, admin.New(store, cfg, log.Named("admin")))
+	adminv1.RegisterAdminServer(adminSrv, admin.New(store, cfg))
 
 	var ready atomic.Bool
 	mux := http.NewServeMux()

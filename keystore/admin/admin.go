@@ -14,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -34,19 +33,15 @@ type Server struct {
 
 	store *keystore.Store
 	cfg   *config.Config
-	log   *zap.Logger
 	now   func() time.Time
 }
 
 var _ adminv1.AdminServer = (*Server)(nil)
 
 // New returns a Server over store; cfg supplies the routes (the scope guard)
-// and the tiers. A nil log discards.
-func New(store *keystore.Store, cfg *config.Config, log *zap.Logger) *Server {
-	if log == nil {
-		log = zap.NewNop()
-	}
-	return &Server{store: store, cfg: cfg, log: log, now: time.Now}
+// and the tiers. The store logs each mutation.
+func New(store *keystore.Store, cfg *config.Config) *Server {
+	return &Server{store: store, cfg: cfg, now: time.Now}
 }
 
 func (s *Server) CreateAccount(_ context.Context, r *adminv1.CreateAccountRequest) (*adminv1.Account, error) {
@@ -68,7 +63,6 @@ func (s *Server) CreateAccount(_ context.Context, r *adminv1.CreateAccountReques
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("account created", zap.String("account", a.ID), zap.String("tier", a.Tier), zap.Int64("balance_micros", int64(a.Balance)))
 	return accountPB(a), nil
 }
 
@@ -92,7 +86,6 @@ func (s *Server) CreditAccount(_ context.Context, r *adminv1.CreditAccountReques
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("account credited", zap.String("account", a.ID), zap.Int64("amount_micros", int64(amt)), zap.Int64("balance_micros", int64(a.Balance)))
 	return accountPB(a), nil
 }
 
@@ -153,7 +146,6 @@ func (s *Server) CreateKey(_ context.Context, r *adminv1.CreateKeyRequest) (*adm
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("key created", zap.String("key_id", k.ID), zap.String("account", k.Account), zap.Strings("scopes", k.Scopes))
 	return &adminv1.CreateKeyResponse{Key: s.keyPB(k, now), Secret: secret}, nil
 }
 
@@ -185,7 +177,6 @@ func (s *Server) RevokeKey(_ context.Context, r *adminv1.RevokeKeyRequest) (*adm
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("key revoked", zap.String("key_id", k.ID), zap.String("account", k.Account))
 	return s.keyPB(k, now), nil
 }
 
@@ -203,8 +194,6 @@ func (s *Server) RotateKey(_ context.Context, r *adminv1.RotateKeyRequest) (*adm
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("key rotated", zap.String("key_id", old.ID), zap.String("new_key_id", nw.ID),
-		zap.String("account", nw.Account), zap.Duration("grace", grace))
 	return &adminv1.RotateKeyResponse{Key: s.keyPB(nw, now), Secret: secret, OldKey: s.keyPB(old, now)}, nil
 }
 
