@@ -53,7 +53,7 @@ func checkHandler(srv any, _ context.Context, dec func(any) error, _ grpc.UnaryS
 		}
 	}()
 	var w wire.Request
-	if err := dec(&w); err != nil {
+	if err := dec(&w); err != nil || w.Malformed {
 		s.m.observe(denyMalformed, 0)
 		return denyMalformed.fixed, nil
 	}

@@ -56,7 +56,12 @@ func (Codec) Unmarshal(data mem.BufferSlice, v any) error {
 	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
 	defer buf.Free()
 	if r, ok := v.(*Request); ok {
-		return r.Decode(buf.ReadOnlyData())
+		// gRPC answers a codec error with an INTERNAL status of its own;
+		// keygate answers every Check with a decision instead.
+		if err := r.Decode(buf.ReadOnlyData()); err != nil {
+			*r = Request{Malformed: true}
+		}
+		return nil
 	}
 	msg := messageOf(v)
 	if msg == nil {

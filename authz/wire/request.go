@@ -48,6 +48,10 @@ type Request struct {
 	AuthorizationCount int
 	RequestID          string // the x-request-id header
 
+	// Malformed is set by Codec when the bytes could not be decoded: the
+	// Check is then answered with a denial rather than a gRPC error.
+	Malformed bool
+
 	buf []byte // backs the strings above
 }
 

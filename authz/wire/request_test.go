@@ -13,8 +13,8 @@ import (
 
 func httpReq(h *authv3.AttributeContext_HttpRequest) *authv3.CheckRequest {
 	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source:  &authv3.AttributeContext_Peer{Principal: "spiffe://x"},
-		Request: &authv3.AttributeContext_Request{Time: timestamppb.Now(), Http: h},
+		Source:            &authv3.AttributeContext_Peer{Principal: "spiffe://x"},
+		Request:           &authv3.AttributeContext_Request{Time: timestamppb.Now(), Http: h},
 		ContextExtensions: map[string]string{"authorization": "not a header"},
 	}}
 }
@@ -175,8 +175,12 @@ func TestCodecRoundTrip(t *testing.T) {
 	}
 	in, _ := proto.Marshal(seeds()[2])
 	var r Request
-	if err := (Codec{}).Unmarshal(mem.BufferSlice{mem.SliceBuffer(in)}, &r); err != nil || r.Method != "POST" {
+	if err := (Codec{}).Unmarshal(mem.BufferSlice{mem.SliceBuffer(in)}, &r); err != nil || r.Method != "POST" || r.Malformed {
 		t.Fatalf("Unmarshal into *Request: %v %+v", err, r)
+	}
+	var bad Request
+	if err := (Codec{}).Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 0x05})}, &bad); err != nil || !bad.Malformed {
+		t.Fatalf("Unmarshal of garbage into *Request: err %v, Malformed %v; want nil and true", err, bad.Malformed)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -34,7 +35,7 @@ func (e *exitError) Error() string { return e.err.Error() }
 func (e *exitError) Unwrap() error { return e.err }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	root := newRoot(stdout, stderr)
+	root := newRoot(args, stdout, stderr)
 	root.SetArgs(args)
 	err := root.Execute()
 	if err == nil {
@@ -48,11 +49,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return code
 		}
 	}
-	fmt.Fprintf(stderr, "keygate: %v\n", err)
+	// Errors about a command already name it ("keygate keys create: ...").
+	msg := err.Error()
+	if !strings.HasPrefix(msg, "keygate") {
+		msg = "keygate: " + msg
+	}
+	fmt.Fprintln(stderr, msg)
 	return code
 }
 
-func newRoot(stdout, stderr io.Writer) *cobra.Command {
+func newRoot(args []string, stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "keygate",
 		Short:         "API-key authorization, rate limits and metering for Envoy (ext_authz)",
@@ -62,6 +68,12 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		// "credit acme -5" reads -5 as a flag; say what the user meant.
+		for _, a := range args {
+			if len(a) > 1 && a[0] == '-' && strings.Trim(a[1:], "0123456789.") == "" && strings.Contains(err.Error(), a[1:2]) {
+				return fmt.Errorf("%s: %s: negative amounts are not allowed", c.CommandPath(), a)
+			}
+		}
 		return fmt.Errorf("%s: %w (see '%s --help')", c.CommandPath(), err, c.CommandPath())
 	})
 	root.AddCommand(

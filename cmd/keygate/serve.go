@@ -74,11 +74,7 @@ SIGTERM or SIGINT drains in-flight Checks, flushes the ledger and exits 0.`,
 			defer log.Sync() //nolint:errcheck // stderr sync errors are not actionable
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			if err := serve(ctx, cfg, os.Getenv("KEYGATE_ADMIN_TOKEN"), log); err != nil {
-				log.Error("keygate stopped with an error", zap.Error(err))
-				return err
-			}
-			return nil
+			return serve(ctx, cfg, os.Getenv("KEYGATE_ADMIN_TOKEN"), log)
 		},
 	}
 	f := c.Flags()
@@ -101,6 +97,7 @@ func newLogger(level, format string) (*zap.Logger, error) {
 	}
 	zc.Level = zap.NewAtomicLevelAt(lvl)
 	zc.Sampling = nil
+	zc.DisableStacktrace = true // errors say what happened; stacks are for panics
 	zc.OutputPaths = []string{"stderr"}
 	return zc.Build()
 }
