@@ -26,7 +26,6 @@ func NewGRPCServer(s *Server, opts ...grpc.ServerOption) *grpc.Server {
 		// only add work on a loopback or same-pod connection.
 		grpc.InitialWindowSize(1 << 20),
 		grpc.InitialConnWindowSize(4 << 20),
-		grpc.SharedWriteBuffer(true),
 	}
 	gs := grpc.NewServer(append(base, opts...)...)
 	gs.RegisterService(&checkServiceDesc, s)
