@@ -157,7 +157,8 @@ func BenchmarkServedCheck(b *testing.B) {
 					b.Fatal(err)
 				}
 				r := fromWire(&w)
-				out, err := codec.Marshal(s.check(&r))
+				resp, _ := s.check(&r)
+				out, err := codec.Marshal(resp)
 				if err != nil {
 					b.Fatal(err)
 				}

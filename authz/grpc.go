@@ -21,7 +21,9 @@ func NewGRPCServer(s *Server, opts ...grpc.ServerOption) *grpc.Server {
 		grpc.ForceServerCodecV2(wire.Codec{}),
 		// Reuse a fixed pool of goroutines for streams instead of one new
 		// goroutine (and stack growth) per Check.
-		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		// One worker per CPU is too few: a stream that finds every worker
+		// busy gets a new goroutine, whose stack then grows.
+		grpc.NumStreamWorkers(uint32(max(128, 16*runtime.GOMAXPROCS(0)))),
 		// Large static windows: Checks are small, and BDP probing pings
 		// only add work on a loopback or same-pod connection.
 		grpc.InitialWindowSize(1 << 20),
@@ -48,14 +50,18 @@ func checkHandler(srv any, _ context.Context, dec func(any) error, _ grpc.UnaryS
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic in Check", zap.Any("panic", p), zap.Stack("stack"))
-			resp, err = denyInternal.fixed, nil
+			resp, err = denyInternal.frozen, nil
 		}
 	}()
 	var w wire.Request
 	if err := dec(&w); err != nil || w.Malformed {
 		s.m.observe(denyMalformed, 0)
-		return denyMalformed.fixed, nil
+		return denyMalformed.frozen, nil
 	}
 	r := fromWire(&w)
-	return s.check(&r), nil
+	resp, d := s.check(&r)
+	if d != nil && d.frozen != nil {
+		return d.frozen, nil
+	}
+	return resp, nil
 }

@@ -2,6 +2,7 @@ package authz
 
 import (
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 
 	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/authz/wire"
 )
 
 // Error types of the JSON body, as the API's clients parse them.
@@ -33,14 +35,21 @@ type Denial struct {
 	RetryAfter time.Duration // > 0: a retry-after header and the rate-limit headers
 
 	// fixed is the whole response of a denial that never varies, built once
-	// so that a flood of garbage keys costs no more than allowed traffic.
-	// The gRPC codec only reads it, so every Check may share it.
-	fixed *authv3.CheckResponse
+	// so that a flood of garbage keys costs no more than allowed traffic,
+	// and frozen is the same response already encoded for the wire. The
+	// gRPC codec only reads them, so every Check may share them.
+	fixed  *authv3.CheckResponse
+	frozen *wire.Frozen
 }
 
-// fixed returns d with its response prebuilt.
+// fixed returns d with its response prebuilt and encoded.
 func fixed(d *Denial) *Denial {
 	d.fixed = d.build(grant{})
+	f, err := wire.Freeze(d.fixed)
+	if err != nil {
+		panic(fmt.Sprintf("authz: encoding the fixed %d denial: %v", d.Status, err)) // a bug in a literal above, caught by any test
+	}
+	d.frozen = f
 	return d
 }
 
@@ -163,7 +172,6 @@ type allowParts struct {
 	resp    authv3.CheckResponse
 	ok      authv3.CheckResponse_OkResponse
 	okResp  authv3.OkHttpResponse
-	status  rpcstatus.Status
 	idOpts  [2]corev3.HeaderValueOption
 	idVals  [2]corev3.HeaderValue
 	idPtrs  [2]*corev3.HeaderValueOption
@@ -189,7 +197,8 @@ func allowResponse(keyID, account string, r ratelimit.Rate, d ratelimit.Decision
 		p.okResp.ResponseHeadersToAdd = rateHeaders(p.rateOpt[:], r, d)
 	}
 	p.ok.OkResponse = &p.okResp
-	p.resp.Status = &p.status // code OK is the zero value
+	// Status stays unset: Envoy reads a missing status as OK, and
+	// google.rpc.Status has no fast encoder.
 	p.resp.HttpResponse = &p.ok
 	return &p.resp
 }

@@ -93,10 +93,13 @@ func New(c Config) (*Server, error) {
 // CheckRequest.
 func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	r := fromProto(req.GetAttributes().GetRequest().GetHttp())
-	return s.check(&r), nil
+	resp, _ := s.check(&r)
+	return resp, nil
 }
 
-func (s *Server) check(r *request) *authv3.CheckResponse {
+// check decides r and returns the response with the denial it carries (nil
+// when allowed).
+func (s *Server) check(r *request) (*authv3.CheckResponse, *Denial) {
 	now := s.now()
 	g, d := s.decide(r, now)
 	var resp *authv3.CheckResponse
@@ -111,7 +114,7 @@ func (s *Server) check(r *request) *authv3.CheckResponse {
 		}
 	}
 	s.m.observe(d, time.Since(now))
-	return resp
+	return resp, d
 }
 
 func (g grant) keyID() string {

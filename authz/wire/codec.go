@@ -9,10 +9,12 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 )
 
-// Codec is gRPC's protobuf codec with two fast paths: a *Request is decoded
-// by Request.Decode, and a message with vtprotobuf marshalers (go-control-
-// plane generates them for every Envoy message, CheckResponse included) is
-// encoded with them into a pooled buffer. Everything else, such as
+// Codec is gRPC's protobuf codec with fast paths: a *Request is decoded by
+// Request.Decode, a *Frozen is sent as its bytes, and a message with
+// vtprotobuf marshalers is encoded with them into a pooled buffer.
+// go-control-plane generates those for every Envoy message, CheckResponse
+// included, behind the vtprotobuf build tag: `make build` sets it, and
+// without it the generic encoder is used. Everything else, such as
 // grpc.health.v1, goes through the generic protobuf code as usual.
 //
 // Install it with grpc.ForceServerCodecV2 on the server that serves Checks.
@@ -30,6 +32,9 @@ type vtMarshaler interface {
 
 // Marshal encodes v.
 func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+	if f, ok := v.(*Frozen); ok {
+		return mem.BufferSlice{mem.SliceBuffer(f.b)}, nil // read-only; Free is a no-op
+	}
 	if m, ok := v.(vtMarshaler); ok {
 		size := m.SizeVT()
 		pool := mem.DefaultBufferPool()
@@ -78,4 +83,17 @@ func messageOf(v any) proto.Message {
 		return protoadapt.MessageV2Of(v)
 	}
 	return nil
+}
+
+// Frozen is a message encoded once and sent as those bytes every time: for
+// responses that never change, such as keygate's fixed denials.
+type Frozen struct{ b []byte }
+
+// Freeze encodes m for sending as is.
+func Freeze(m proto.Message) (*Frozen, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return &Frozen{b: b}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"sync/atomic"
@@ -109,7 +110,19 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	store, err := keystore.Open(cfg.DB, keystore.Options{Log: log.Named("keystore"), Metrics: reg})
+	opts := keystore.Options{Log: log.Named("keystore"), Metrics: reg}
+	// A benchmark knob, not a setting: the design promises a flush at least
+	// once a second, which only the default keeps. The load benchmark uses
+	// it to build up a large flush on purpose.
+	if v := os.Getenv("KEYGATE_FLUSH_INTERVAL"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			return fmt.Errorf("KEYGATE_FLUSH_INTERVAL %q: want a positive Go duration", v)
+		}
+		log.Warn("ledger flush interval set from KEYGATE_FLUSH_INTERVAL", zap.Duration("interval", d))
+		opts.FlushInterval = d
+	}
+	store, err := keystore.Open(cfg.DB, opts)
 	if err != nil {
 		return err
 	}
@@ -166,6 +179,13 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		}
 		fmt.Fprintln(w, "ready")
 	})
+	if os.Getenv("KEYGATE_PPROF") == "1" {
+		// Profiling on demand: the listener is local by default, and
+		// profiles hold no secrets (only code locations and counts).
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		log.Info("KEYGATE_PPROF=1: serving /debug/pprof/ on the http listener")
+	}
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 
 	if cfg.BuiltIn {

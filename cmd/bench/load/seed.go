@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"strings"
@@ -45,13 +46,13 @@ routes:
 
 // seed creates path and fills it through the store's Go API, as an operator's
 // tooling would: one transaction per account and per key.
-func seed(path string, sp seedSpec) (seeded, error) {
+func seed(ctx context.Context, path string, sp seedSpec) (seeded, error) {
 	start := time.Now()
 	st, err := keystore.Open(path, keystore.Options{})
 	if err != nil {
 		return seeded{}, err
 	}
-	out, err := fill(st, sp, start)
+	out, err := fill(ctx, st, sp, start)
 	if cerr := st.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
@@ -59,10 +60,13 @@ func seed(path string, sp seedSpec) (seeded, error) {
 	return out, err
 }
 
-func fill(st *keystore.Store, sp seedSpec, now time.Time) (seeded, error) {
+func fill(ctx context.Context, st *keystore.Store, sp seedSpec, now time.Time) (seeded, error) {
 	var out seeded
 	ids := make([]string, sp.Accounts)
 	for i := range ids {
+		if err := ctx.Err(); err != nil { // a large store takes a while: stay interruptible
+			return out, err
+		}
 		ids[i] = fmt.Sprintf(sp.AccountName, i)
 		if _, err := st.CreateAccount(ids[i], "free", sp.Balance, now); err != nil {
 			return out, err
@@ -77,6 +81,9 @@ func fill(st *keystore.Store, sp seedSpec, now time.Time) (seeded, error) {
 	// robin over the list visits every account before an account's next key.
 	perAccount := make([][]string, sp.Accounts)
 	for i, id := range ids {
+		if err := ctx.Err(); err != nil {
+			return out, err
+		}
 		for range sp.KeysPer {
 			s, err := key(id, fast)
 			if err != nil {

@@ -1,9 +1,8 @@
 package main
 
 import (
-	"os"
+	"context"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -12,17 +11,9 @@ import (
 )
 
 func TestSeed(t *testing.T) {
-	n, _ := strconv.Atoi(os.Getenv("BENCH_SEED_ACCOUNTS"))
-	if n == 0 {
-		n = 5
-	}
-	dir := t.TempDir()
-	if d := os.Getenv("BENCH_SEED_DIR"); d != "" {
-		dir = d
-	}
-	path := filepath.Join(dir, "seed.db")
-	os.Remove(path)
-	got, err := seed(path, seedSpec{Accounts: n, KeysPer: 2, Limited: 3, Balance: money.Micros(7_000_000), AccountName: "acct-%04d"})
+	const n = 5
+	path := filepath.Join(t.TempDir(), "seed.db")
+	got, err := seed(context.Background(), path, seedSpec{Accounts: n, KeysPer: 2, Limited: 3, Balance: money.Micros(7_000_000), AccountName: "acct-%04d"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,5 +47,13 @@ func TestSeed(t *testing.T) {
 		if limited := i >= len(got.Keys); limited != (k.RateLimit.N == 1) {
 			t.Errorf("key %d: rate limit %v", i, k.RateLimit)
 		}
+	}
+}
+
+func TestSeedInterrupted(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := seed(ctx, filepath.Join(t.TempDir(), "seed.db"), seedSpec{Accounts: 3, KeysPer: 1, AccountName: "a-%d"}); err == nil {
+		t.Error("seed ran to the end with a cancelled context")
 	}
 }

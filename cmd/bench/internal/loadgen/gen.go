@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
@@ -54,24 +55,32 @@ type Sample struct {
 	ServerRSS int64         // bytes
 	ServerHWM int64         // peak RSS, bytes
 	GenCPU    time.Duration
+	// CoreBusy is each core's time not idle (user, system, interrupts,
+	// steal), by core number: with the server's CPU time it tells how much
+	// else ran on the server's core.
+	CoreBusy []time.Duration
 }
 
 // Result is what a phase measured, over its window only.
 type Result struct {
 	Start     time.Time      `json:"start"` // of the window
 	Seconds   float64        `json:"seconds"`
-	Requests  uint64         `json:"requests"` // answered in the window
+	Requests  uint64         `json:"requests"` // decisions received in the window
 	PerSecond float64        `json:"per_second"`
 	ByStatus  map[int]uint64 `json:"by_status"` // HTTP status the response asks Envoy for; 200: allowed
-	Errors    uint64         `json:"errors"`    // transport or gRPC errors
-	FirstErr  string         `json:"first_error,omitempty"`
-	Latency   Sparse         `json:"latency"`
+	// Timeouts are calls the server did not answer within the timeout;
+	// their latency is in Latency, but they are not Requests.
+	Timeouts uint64 `json:"timeouts"`
+	Errors   uint64 `json:"errors"` // transport or gRPC errors, timeouts aside
+	FirstErr string `json:"first_error,omitempty"`
+	Latency  Sparse `json:"latency"`
 	// Server and generator readings over the window (zero without Probe).
-	ServerCPUSeconds float64 `json:"server_cpu_seconds"`
-	ServerRSS        int64   `json:"server_rss_bytes"`
-	ServerHWM        int64   `json:"server_hwm_bytes"`
-	GenCPUSeconds    float64 `json:"gen_cpu_seconds"`
-	Timeline         []Slot  `json:"timeline,omitempty"`
+	ServerCPUSeconds float64   `json:"server_cpu_seconds"`
+	ServerRSS        int64     `json:"server_rss_bytes"`
+	ServerHWM        int64     `json:"server_hwm_bytes"`
+	GenCPUSeconds    float64   `json:"gen_cpu_seconds"`
+	CoreBusySeconds  []float64 `json:"core_busy_seconds"`
+	Timeline         []Slot    `json:"timeline,omitempty"`
 }
 
 // Slot is the latency of the calls answered in one timeline slot.
@@ -86,6 +95,7 @@ var errConfig = errors.New("bad load config")
 type tally struct {
 	hist     Histogram
 	byStatus map[int]uint64
+	timeouts uint64
 	errors   uint64
 	firstErr error
 	samples  []sample // for the timeline
@@ -163,11 +173,13 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		if cfg.Probe == nil {
 			return
 		}
-		if !sleepUntil(runCtx, winStart) {
+		// The probe follows the window's clock, not the workers: they stop
+		// at winEnd too, and must not cancel the last reading.
+		if !sleepUntil(ctx, winStart) {
 			return
 		}
 		begin = cfg.Probe()
-		if !sleepUntil(runCtx, winEnd) {
+		if !sleepUntil(ctx, winEnd) {
 			return
 		}
 		end = cfg.Probe()
@@ -188,17 +200,23 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			res.ByStatus[s] += n
 		}
 		res.Errors += tl.errors
+		res.Timeouts += tl.timeouts
 		if tl.firstErr != nil && res.FirstErr == "" {
 			res.FirstErr = tl.firstErr.Error()
 		}
 	}
-	res.Requests = all.Count()
+	for _, n := range res.ByStatus {
+		res.Requests += n
+	}
 	res.PerSecond = float64(res.Requests) / res.Seconds
 	res.Latency = all.Sparse()
 	if cfg.Probe != nil {
 		res.ServerCPUSeconds = (end.ServerCPU - begin.ServerCPU).Seconds()
 		res.GenCPUSeconds = (end.GenCPU - begin.GenCPU).Seconds()
 		res.ServerRSS, res.ServerHWM = end.ServerRSS, end.ServerHWM
+		for i := range min(len(begin.CoreBusy), len(end.CoreBusy)) {
+			res.CoreBusySeconds = append(res.CoreBusySeconds, (end.CoreBusy[i] - begin.CoreBusy[i]).Seconds())
+		}
 	}
 	if cfg.Slot > 0 {
 		res.Timeline = timeline(tallies, cfg.Slot, cfg.Duration)
@@ -233,7 +251,7 @@ func work(ctx context.Context, cfg Config, call callFunc, tl *tally, seq *atomic
 		resp, err := call(ctx, buf)
 		end := time.Now()
 		if end.Before(winStart) {
-			if err != nil && ctx.Err() == nil {
+			if err != nil && ctx.Err() == nil && !errors.Is(err, ErrTimeout) {
 				// A failure during warm-up is a failure of the phase.
 				tl.errors++
 				if tl.firstErr == nil {
@@ -253,7 +271,10 @@ func work(ctx context.Context, cfg Config, call callFunc, tl *tally, seq *atomic
 				tl.byStatus[o.HTTPStatus]++
 			}
 		}
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrTimeout):
+			tl.timeouts++ // counted in the latency, as a client waits that long
+		case err != nil:
 			tl.errors++
 			if tl.firstErr == nil {
 				tl.firstErr = err
@@ -337,7 +358,11 @@ func (h h2caller) newCallFunc() callFunc {
 		if c.Err != nil {
 			return nil, c.Err
 		}
-		if c.Status != 0 {
+		switch c.Status {
+		case 0:
+		case int(codes.DeadlineExceeded):
+			return nil, fmt.Errorf("%w: grpc-status %d", ErrTimeout, c.Status)
+		default:
 			return nil, fmt.Errorf("grpc-status %d", c.Status)
 		}
 		return c.Resp, nil
@@ -363,6 +388,9 @@ func (g grpcCaller) newCallFunc() callFunc {
 		}
 		if err := g.cc.Invoke(ctx, checkPath, &req, &resp); err != nil {
 			if s, ok := status.FromError(err); ok {
+				if s.Code() == codes.DeadlineExceeded {
+					return nil, fmt.Errorf("%w: %s", ErrTimeout, s.Message())
+				}
 				return nil, fmt.Errorf("grpc: %s: %s", s.Code(), s.Message())
 			}
 			return nil, err

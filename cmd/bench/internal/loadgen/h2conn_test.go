@@ -20,14 +20,15 @@ import (
 )
 
 // fakeAuthz allows "Bearer good", denies everything else with 401, fails
-// with INTERNAL for "Bearer fail", and records every x-request-id.
+// with INTERNAL for "Bearer fail", never answers "Bearer slow", and records
+// every x-request-id.
 type fakeAuthz struct {
 	authv3.UnimplementedAuthorizationServer
 	mu  sync.Mutex
 	ids map[string]int
 }
 
-func (f *fakeAuthz) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+func (f *fakeAuthz) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	h := req.GetAttributes().GetRequest().GetHttp()
 	f.mu.Lock()
 	f.ids[h.GetHeaders()["x-request-id"]]++
@@ -40,6 +41,9 @@ func (f *fakeAuthz) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.
 		}, nil
 	case "Bearer fail":
 		return nil, status.Error(codes.Internal, "boom")
+	case "Bearer slow":
+		<-ctx.Done()
+		return nil, ctx.Err()
 	}
 	return &authv3.CheckResponse{
 		Status: &rpcstatus.Status{Code: int32(code.Code_UNAUTHENTICATED)},
@@ -269,5 +273,31 @@ func TestRunMaxRequests(t *testing.T) {
 	f.mu.Unlock()
 	if sent != 100 || res.Requests != 100 {
 		t.Errorf("server saw %d calls, result counts %d; want 100", sent, res.Requests)
+	}
+}
+
+// TestRunTimeouts counts calls the server does not answer within the
+// timeout as timeouts, with both clients, not as errors.
+func TestRunTimeouts(t *testing.T) {
+	_, addr, _ := startFake(t)
+	tp, err := Build(Spec{Method: "POST", Path: "/v1/chat/completions", Auth: "Bearer slow"}, 1, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, _ := NewSource([]Template{tp}, nil)
+	for _, client := range []string{ClientH2, ClientGRPC} {
+		res, err := Run(context.Background(), Config{
+			Addr: addr, Client: client, Conns: 1, Concurrency: 2,
+			Duration: 500 * time.Millisecond, Timeout: 20 * time.Millisecond, Source: src,
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", client, err)
+		}
+		if res.Timeouts == 0 || res.Errors != 0 || res.Requests != 0 {
+			t.Errorf("%s: %d timeouts, %d errors (%s), %d requests; want only timeouts", client, res.Timeouts, res.Errors, res.FirstErr, res.Requests)
+		}
+		if got := FromSparse(res.Latency).Count(); got != res.Timeouts {
+			t.Errorf("%s: latency holds %d calls, want the %d timeouts", client, got, res.Timeouts)
+		}
 	}
 }

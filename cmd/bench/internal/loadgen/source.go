@@ -4,12 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 )
 
 // Modes of a Source: which traffic a phase sends.
 const (
 	ModeAllowed     = "allowed"     // valid keys over a mix of routes: all allowed
+	ModePriced      = "priced"      // valid keys on priced routes only: every call debits
 	ModeUnknown     = "unknown"     // well-formed keys no store holds: 401
 	ModeGarbage     = "garbage"     // malformed or missing credentials: 401
 	ModeRateLimited = "ratelimited" // keys whose bucket is empty: 429
@@ -19,7 +21,7 @@ const (
 // Modes lists every mode with the HTTP status all of its requests should get
 // from keygate (a no-op server allows everything).
 var Modes = map[string]int{
-	ModeAllowed: 200, ModeUnknown: 401, ModeGarbage: 401, ModeRateLimited: 429, ModeBadPath: 400,
+	ModeAllowed: 200, ModePriced: 200, ModeUnknown: 401, ModeGarbage: 401, ModeRateLimited: 429, ModeBadPath: 400,
 }
 
 var errSource = errors.New("bad source")
@@ -77,6 +79,12 @@ func allowedRoutes() []Spec {
 	emb := Spec{Method: "POST", Path: "/v1/embeddings", Auth: auth}
 	get := Spec{Method: "GET", Path: "/v1/chat/completions/chatcmpl-AbC123xYz456", Auth: auth}
 	return []Spec{chat, chat, emb, chat, chat, get, chat, emb, chat, chat}
+}
+
+// pricedRoutes is allowedRoutes without the free reads: every call debits,
+// so every key's account is written by the next ledger flush.
+func pricedRoutes() []Spec {
+	return slices.DeleteFunc(allowedRoutes(), func(s Spec) bool { return s.Method == "GET" })
 }
 
 // badPaths are requests with a valid key whose path would read differently
@@ -162,6 +170,12 @@ func NewModeSource(mode string, keys, limited []string, raw bool, seed uint64) (
 			}
 		}
 		return NewSource(ts, secrets)
+	case ModePriced:
+		ts, err := build(pricedRoutes())
+		if err != nil {
+			return nil, err
+		}
+		return NewSource(ts, keys)
 	case ModeRateLimited:
 		ts, err := build(allowedRoutes()[:1])
 		if err != nil {
