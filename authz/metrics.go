@@ -2,6 +2,7 @@ package authz
 
 import (
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,8 +25,9 @@ type metrics struct {
 	allowed prometheus.Counter
 	denied  map[string]prometheus.Counter // by reason
 	latency prometheus.Observer
-	debits  prometheus.Counter
-	debited prometheus.Counter
+	// Debits are plain atomics read by CounterFuncs: a float counter's Add
+	// is a compare-and-swap loop that Checks on every core would contend on.
+	debits, debited atomic.Int64
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -38,27 +40,25 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Help:    "Time to decide a Check, inside keygate (gRPC transport excluded).",
 		Buckets: []float64{1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2},
 	})
-	debits := prometheus.NewCounter(prometheus.CounterOpts{
+	m := &metrics{
+		allowed: checks.WithLabelValues("allow", "200", ""),
+		denied:  map[string]prometheus.Counter{},
+		latency: latency,
+	}
+	debits := prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "keygate_debits_total",
 		Help: "Priced requests debited from account balances.",
-	})
-	debited := prometheus.NewCounter(prometheus.CounterOpts{
+	}, func() float64 { return float64(m.debits.Load()) })
+	debited := prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "keygate_debited_micros_total",
 		Help: "Amount debited from account balances, in micro-USD.",
-	})
+	}, func() float64 { return float64(m.debited.Load()) })
 	if reg != nil {
 		for _, c := range []prometheus.Collector{checks, latency, debits, debited} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
 		}
-	}
-	m := &metrics{
-		allowed: checks.WithLabelValues("allow", "200", ""),
-		denied:  map[string]prometheus.Counter{},
-		latency: latency,
-		debits:  debits,
-		debited: debited,
 	}
 	for _, r := range reasons {
 		m.denied[r.reason] = checks.WithLabelValues("deny", strconv.Itoa(r.status), r.reason)
@@ -78,6 +78,6 @@ func (m *metrics) observe(d *Denial, took time.Duration) {
 }
 
 func (m *metrics) debit(price money.Micros) {
-	m.debits.Inc()
-	m.debited.Add(float64(price))
+	m.debits.Add(1)
+	m.debited.Add(int64(price))
 }

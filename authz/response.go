@@ -90,7 +90,12 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	}
 	if d.RetryAfter > 0 {
 		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(d.RetryAfter), 10)))
-		hdrs = append(hdrs, rateHeaders(make([]corev3.HeaderValueOption, numRateHeaders), g.rate, g.lim)...)
+		var (
+			opts [numRateHeaders]corev3.HeaderValueOption
+			vals [numRateHeaders]corev3.HeaderValue
+			ptrs [numRateHeaders]*corev3.HeaderValueOption
+		)
+		hdrs = append(hdrs, rateHeaders(&opts, &vals, &ptrs, g.lim)...)
 	}
 	c := code.Code_PERMISSION_DENIED
 	if d.Status == 401 {
@@ -135,54 +140,48 @@ func retrySeconds(d time.Duration) int64 {
 	return s
 }
 
-const numRateHeaders = 5
+const numRateHeaders = 3
 
-// rateHeaders fills opts with the x-ratelimit-* headers (OpenAI's names) and
-// the IETF RateLimit-Policy / RateLimit pair for the key's bucket after this
-// request, and returns pointers to them.
-func rateHeaders(opts []corev3.HeaderValueOption, r ratelimit.Rate, d ratelimit.Decision) []*corev3.HeaderValueOption {
+// rateHeaders fills opts and vals with the x-ratelimit-* headers (the names
+// OpenAI's clients read) for the key's bucket after this request, and ptrs
+// with pointers to opts. The caller provides the storage so that an allow
+// response stays one allocation.
+func rateHeaders(opts *[numRateHeaders]corev3.HeaderValueOption, vals *[numRateHeaders]corev3.HeaderValue,
+	ptrs *[numRateHeaders]*corev3.HeaderValueOption, d ratelimit.Decision) []*corev3.HeaderValueOption {
 	var reset int64
 	if d.Reset > 0 {
 		reset = retrySeconds(d.Reset)
 	}
-	limit := strconv.FormatInt(d.Limit, 10)
-	remaining := strconv.FormatInt(d.Remaining, 10)
-	resetS := strconv.FormatInt(reset, 10)
-	vals := [numRateHeaders][2]string{
-		{"x-ratelimit-limit-requests", limit},
-		{"x-ratelimit-remaining-requests", remaining},
-		{"x-ratelimit-reset-requests", resetS + "s"},
-		{"ratelimit-policy", `"keygate";q=` + limit + ";w=" + strconv.FormatInt(int64(r.Per/time.Second), 10)},
-		{"ratelimit", `"keygate";r=` + remaining + ";t=" + resetS},
-	}
-	hvs := make([]corev3.HeaderValue, numRateHeaders)
-	out := make([]*corev3.HeaderValueOption, numRateHeaders)
-	for i, kv := range vals {
-		hvs[i].Key, hvs[i].Value = kv[0], kv[1]
-		opts[i].Header = &hvs[i]
+	vals[0] = corev3.HeaderValue{Key: "x-ratelimit-limit-requests", Value: strconv.FormatInt(d.Limit, 10)}
+	vals[1] = corev3.HeaderValue{Key: "x-ratelimit-remaining-requests", Value: strconv.FormatInt(d.Remaining, 10)}
+	vals[2] = corev3.HeaderValue{Key: "x-ratelimit-reset-requests", Value: strconv.FormatInt(reset, 10) + "s"}
+	for i := range opts {
+		opts[i].Header = &vals[i]
 		opts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-		out[i] = &opts[i]
+		ptrs[i] = &opts[i]
 	}
-	return out
+	return ptrs[:]
 }
 
 // allowParts is every message of an allow response, allocated together: one
 // allocation instead of a dozen on the hot path.
 type allowParts struct {
-	resp    authv3.CheckResponse
-	ok      authv3.CheckResponse_OkResponse
-	okResp  authv3.OkHttpResponse
-	idOpts  [2]corev3.HeaderValueOption
-	idVals  [2]corev3.HeaderValue
-	idPtrs  [2]*corev3.HeaderValueOption
-	rateOpt [numRateHeaders]corev3.HeaderValueOption
+	resp     authv3.CheckResponse
+	ok       authv3.CheckResponse_OkResponse
+	okResp   authv3.OkHttpResponse
+	idOpts   [2]corev3.HeaderValueOption
+	idVals   [2]corev3.HeaderValue
+	idPtrs   [2]*corev3.HeaderValueOption
+	rateOpts [numRateHeaders]corev3.HeaderValueOption
+	rateVals [numRateHeaders]corev3.HeaderValue
+	ratePtrs [numRateHeaders]*corev3.HeaderValueOption
 }
 
 // allowResponse lets the request through: the key never leaves the edge and
 // the identity headers overwrite anything the client sent. Envoy applies
 // headers_to_remove after the headers it sets, so only authorization is
 // removed here.
-func allowResponse(keyID, account string, r ratelimit.Rate, d ratelimit.Decision) *authv3.CheckResponse {
+func allowResponse(keyID, account string, limited bool, d ratelimit.Decision) *authv3.CheckResponse {
 	p := new(allowParts)
 	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: keyID}
 	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: account}
@@ -193,8 +192,8 @@ func allowResponse(keyID, account string, r ratelimit.Rate, d ratelimit.Decision
 	}
 	p.okResp.Headers = p.idPtrs[:]
 	p.okResp.HeadersToRemove = removeAuthorization
-	if !r.IsZero() {
-		p.okResp.ResponseHeadersToAdd = rateHeaders(p.rateOpt[:], r, d)
+	if limited {
+		p.okResp.ResponseHeadersToAdd = rateHeaders(&p.rateOpts, &p.rateVals, &p.ratePtrs, d)
 	}
 	p.ok.OkResponse = &p.okResp
 	// Status stays unset: Envoy reads a missing status as OK, and

@@ -126,5 +126,5 @@ func (g grant) keyID() string {
 
 // allow builds the response for a granted request.
 func (s *Server) allow(g grant) *authv3.CheckResponse {
-	return allowResponse(g.key.ID, g.key.Account, g.rate, g.lim)
+	return allowResponse(g.key.ID, g.key.Account, !g.rate.IsZero(), g.lim)
 }
