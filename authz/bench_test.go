@@ -23,6 +23,10 @@ import (
 // nKeys/10 accounts with balances that never run out, every key allowed
 // every route at a rate that never trips.
 func benchServer(b *testing.B, nKeys int) (*Server, []string) {
+	return benchServerRate(b, nKeys, ratelimit.Rate{N: 1_000_000_000, Per: time.Second})
+}
+
+func benchServerRate(b *testing.B, nKeys int, rate ratelimit.Rate) (*Server, []string) {
 	b.Helper()
 	st := keystoretest.Open(b)
 	now := time.Now()
@@ -35,7 +39,7 @@ func benchServer(b *testing.B, nKeys int) (*Server, []string) {
 			}
 		}
 		_, s, err := st.CreateKey(keystore.NewKey{Account: acct, Scopes: []string{"chat:write", "chat:read"},
-			RateLimit: ratelimit.Rate{N: 1_000_000_000, Per: time.Second}}, now)
+			RateLimit: rate}, now)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -131,6 +135,27 @@ func BenchmarkCheck(b *testing.B) {
 			})
 		})
 	}
+}
+
+// BenchmarkCheckRateLimited is the 429 path: every key has spent its one
+// request of the day.
+func BenchmarkCheckRateLimited(b *testing.B) {
+	s, secrets := benchServerRate(b, 1000, ratelimit.Rate{N: 1, Per: 24 * time.Hour})
+	reqs := requests(secrets, "GET", "/v1/chat/completions/abc")
+	for _, r := range reqs {
+		s.Check(context.Background(), r) //nolint:errcheck // spends the token
+	}
+	var next atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, _ := s.Check(context.Background(), reqs[next.Add(1)%uint64(len(reqs))])
+			if resp.GetDeniedResponse().GetStatus().GetCode() != 429 {
+				b.Fatalf("not rate limited: %v", resp)
+			}
+		}
+	})
 }
 
 // BenchmarkServedCheck is what the gRPC server runs per Check, less the

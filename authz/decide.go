@@ -56,8 +56,7 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 	g := grant{key: key, rate: s.rateFor(key)}
 	g.lim = s.limiter.Allow(key.ID, g.rate, now)
 	if !g.lim.OK {
-		return g, &Denial{Status: 429, Type: typeRateLimit, Reason: "rate_limit", RetryAfter: g.lim.RetryAfter,
-			Message: fmt.Sprintf("Rate limit of %s exceeded for this API key; retry after %ds", g.rate, retrySeconds(g.lim.RetryAfter))}
+		return g, s.rateDenial(g.rate)
 	}
 
 	// 5. Spend.
@@ -71,6 +70,28 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 		s.m.debit(rt.Price)
 	}
 	return g, nil
+}
+
+// rateDenial returns the 429 for keys limited to r. Its body is built once
+// per distinct rate; the retry-after and rate headers come from the grant.
+func (s *Server) rateDenial(r ratelimit.Rate) *Denial {
+	if d, ok := (*s.rateDenials.Load())[r]; ok {
+		return d
+	}
+	d := &Denial{Status: 429, Type: typeRateLimit, Reason: "rate_limit", rateLimited: true,
+		Message: fmt.Sprintf("Rate limit of %s exceeded for this API key; retry after the seconds in retry-after", r)}
+	d.encoded = d.body()
+	for { // copy on write: Checks read the map without a lock
+		old := s.rateDenials.Load()
+		next := make(map[ratelimit.Rate]*Denial, len(*old)+1)
+		for k, v := range *old {
+			next[k] = v
+		}
+		next[r] = d
+		if s.rateDenials.CompareAndSwap(old, &next) {
+			return d
+		}
+	}
 }
 
 // rateFor returns the key's own limit, else its account tier's.

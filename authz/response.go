@@ -28,11 +28,15 @@ const (
 // A Denial is a refused request: the HTTP status Envoy sends back and the JSON
 // body clients parse. Denials are counted in metrics, not logged as errors.
 type Denial struct {
-	Status     int    // 400, 401, 403 or 429
-	Type       string // one of the type* constants
-	Message    string
-	Reason     string        // stable metric label: no_key, invalid_key, bad_path, ...
-	RetryAfter time.Duration // > 0: a retry-after header and the rate-limit headers
+	Status  int    // 400, 401, 403 or 429
+	Type    string // one of the type* constants
+	Message string
+	Reason  string // stable metric label: no_key, invalid_key, bad_path, ...
+
+	// rateLimited adds retry-after and the rate-limit headers, from the grant.
+	rateLimited bool
+	// encoded is the JSON body, when built ahead.
+	encoded string
 
 	// fixed is the whole response of a denial that never varies, built once
 	// so that a flood of garbage keys costs no more than allowed traffic,
@@ -88,14 +92,18 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	if d.Status == 401 {
 		hdrs = append(hdrs, hv("www-authenticate", "Bearer"))
 	}
-	if d.RetryAfter > 0 {
-		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(d.RetryAfter), 10)))
+	if d.rateLimited {
+		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(g.lim.RetryAfter), 10)))
 		var (
 			opts [numRateHeaders]corev3.HeaderValueOption
 			vals [numRateHeaders]corev3.HeaderValue
 			ptrs [numRateHeaders]*corev3.HeaderValueOption
 		)
 		hdrs = append(hdrs, rateHeaders(&opts, &vals, &ptrs, g.lim)...)
+	}
+	body := d.encoded
+	if body == "" {
+		body = d.body()
 	}
 	c := code.Code_PERMISSION_DENIED
 	if d.Status == 401 {
@@ -106,7 +114,7 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 		HttpResponse: &authv3.CheckResponse_DeniedResponse{DeniedResponse: &authv3.DeniedHttpResponse{
 			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(d.Status)},
 			Headers: hdrs,
-			Body:    d.body(),
+			Body:    body,
 		}},
 	}
 }

@@ -3,6 +3,7 @@ package authz
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -49,6 +50,8 @@ type Server struct {
 
 	// denyScope holds one Denial per scope, responses included.
 	denyScope map[string]*Denial
+	// rateDenials holds one 429 per distinct rate, built on first use.
+	rateDenials atomic.Pointer[map[ratelimit.Rate]*Denial]
 }
 
 var _ authv3.AuthorizationServer = (*Server)(nil)
@@ -79,6 +82,7 @@ func New(c Config) (*Server, error) {
 		return nil, err
 	}
 	s.m = m
+	s.rateDenials.Store(&map[ratelimit.Rate]*Denial{})
 	s.denyScope = map[string]*Denial{}
 	for _, scope := range c.Routes.Scopes() {
 		s.denyScope[scope] = scopeDenial(scope)
