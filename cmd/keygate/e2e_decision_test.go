@@ -367,7 +367,7 @@ func TestE2EDecision(t *testing.T) {
 					t.Errorf("upstream header %s carries the secret", h)
 				}
 			}
-			for _, h := range []string{"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "ratelimit-policy", "ratelimit"} {
+			for _, h := range []string{"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"} {
 				if d.respHdrs[h] == "" {
 					t.Errorf("response header %s missing: %v", h, d.respHdrs)
 				}
