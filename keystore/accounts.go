@@ -3,8 +3,11 @@ package keystore
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
@@ -16,21 +19,15 @@ import (
 // when CreateAccount returns. An empty tier leaves the choice to the caller's
 // default tier.
 func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Time) (Account, error) {
-	if err := validateAccountID(id); err != nil {
+	if err := validateNewAccount(id, tier, balance); err != nil {
 		return Account{}, err
-	}
-	if err := validateTier(tier); err != nil {
-		return Account{}, err
-	}
-	if balance < 0 || balance > money.Max {
-		return Account{}, fmt.Errorf("%w: opening balance %s out of range", ErrInvalid, balance)
 	}
 	created, err := nanos("now", now)
 	if err != nil {
 		return Account{}, err
 	}
 
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return Account{}, ErrClosed
@@ -93,11 +90,17 @@ func (s *Store) Accounts() []Account {
 // the account's mutex, and the disk write happens outside it (a debit made
 // during the write leaves the account dirty, so the next flush writes the
 // exact value).
+//
+// The balance written includes the account's unflushed debits, so the same
+// transaction writes the unflushed spend of its keys, copied under the same
+// lock: the file must never hold a balance charged for debits that the
+// keys' spend does not count, or after a crash the keys could spend past
+// their caps. Those keys stay marked, and the next flush writes them again.
 func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
 	if amount <= 0 || amount > money.Max {
 		return Account{}, fmt.Errorf("%w: credit of %s (it must be positive)", ErrInvalid, amount)
 	}
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return Account{}, ErrClosed
@@ -106,8 +109,12 @@ func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
 	if a == nil {
 		return Account{}, fmt.Errorf("%w: %s", ErrAccountNotFound, id)
 	}
+	var spends []flushEntry
 	a.mu.Lock()
 	before := a.balance
+	for e := a.dirtyKeys; e != nil && e != s.endOfList; e = e.nextDirty {
+		spends = append(spends, flushEntry{id: e.cur.ID, val: e.spent}) // s.wmu keeps cur stable
+	}
 	a.mu.Unlock()
 	// Debits only lower the balance and credits are serialised by s.wmu,
 	// so checking the snapshot is enough to rule out overflow.
@@ -115,7 +122,16 @@ func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
 		return Account{}, fmt.Errorf("%w: crediting %s to %s would take its balance past %s", ErrInvalid, amount, id, money.Max)
 	}
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketBalances).Put([]byte(id), microsValue(before+amount))
+		if err := tx.Bucket(bucketBalances).Put([]byte(id), microsValue(before+amount)); err != nil {
+			return err
+		}
+		sp := tx.Bucket(bucketSpend)
+		for _, f := range spends {
+			if err := sp.Put([]byte(f.id), microsValue(f.val)); err != nil {
+				return fmt.Errorf("spend of %s: %w", f.id, err)
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return Account{}, fmt.Errorf("credit %s: %w", id, err)
@@ -132,6 +148,20 @@ func (a *account) info() Account {
 	bal, res := a.balance, a.reserved
 	a.mu.Unlock()
 	return Account{ID: a.id, Tier: a.tier, Balance: bal, Reserved: res, CreatedAt: fromNanos(a.createdAt)}
+}
+
+// validateNewAccount checks what CreateAccount (or Import) is given.
+func validateNewAccount(id, tier string, balance money.Micros) error {
+	if err := validateAccountID(id); err != nil {
+		return err
+	}
+	if err := validateTier(tier); err != nil {
+		return err
+	}
+	if balance < 0 || balance > money.Max {
+		return fmt.Errorf("%w: opening balance %s out of range", ErrInvalid, balance)
+	}
+	return nil
 }
 
 // validateAccountID checks an account ID: 1 to 64 of A-Z a-z 0-9 . _ : -
@@ -164,8 +194,31 @@ func validateName(s string) error {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-') {
-			return fmt.Errorf("%q has %q at byte %d: use letters, digits, '.', '_', ':' and '-'", s, c, i)
+			return fmt.Errorf("%q has %s at byte %d: use letters, digits, '.', '_', ':' and '-'", s, charAt(s, i), i)
 		}
 	}
 	return nil
+}
+
+// charAt quotes the character that starts at byte i of s, as Go would
+// write it: 'ü', '\n', '\u200b'; or the byte, '\xff', where s is not UTF-8.
+func charAt(s string, i int) string {
+	r, size := utf8.DecodeRuneInString(s[i:])
+	if r == utf8.RuneError && size <= 1 {
+		return fmt.Sprintf("'\\x%02x'", s[i])
+	}
+	return strconv.QuoteRune(r)
+}
+
+// controlAt returns the byte offset of the first character of s that
+// would break a line or a table column where s is printed: a control
+// character (tab and newline included) or a line or paragraph separator;
+// -1 if there is none.
+func controlAt(s string) int {
+	for i, r := range s {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
+			return i
+		}
+	}
+	return -1
 }

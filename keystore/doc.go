@@ -4,15 +4,22 @@
 //
 // What is durable when:
 //
-//   - Admin writes (CreateAccount, Credit, CreateKey, Revoke, Rotate) are one
-//     fsync'd bbolt transaction each: durable when the call returns. Memory
-//     changes only after the commit, so a revoked key is refused from the
-//     next Lookup on, and memory never shows what the disk does not have.
+//   - Admin writes (CreateAccount, Credit, CreateKey, Revoke, Rotate, and
+//     Import for many accounts and keys at once) are one fsync'd bbolt
+//     transaction each: durable when the call returns. Memory changes only
+//     after the commit, so a revoked key is refused from the next Lookup on,
+//     and memory never shows what the disk does not have.
 //   - Debits (Debit) change memory only: the account balance and the key
 //     spend, under the account's mutex. Run writes every changed value in one
-//     transaction each FlushInterval, Flush does it on demand, and Close does
-//     it one last time. A crash loses at most the debits since the last
-//     flush; a clean stop loses nothing.
+//     transaction each FlushInterval, paced over up to half the interval so
+//     that the Checks sharing its CPU barely notice; Flush does it on demand
+//     at full speed, and Close does it one last time. A crash loses at most
+//     the debits since the last flush; a clean stop loses nothing.
+//   - An account's balance and its keys' spend always reach the file in the
+//     same transaction, copied under the account's mutex (a flush, and also
+//     Credit, which writes a balance that includes unflushed debits). So a
+//     crash loses debits whole: never the spend of a debit whose price the
+//     balance kept, which would let a key pass its cap after a restart.
 //
 // Reads (Account, Accounts, Key, Keys) answer from memory and include every
 // debit so far, flushed or not.

@@ -66,32 +66,93 @@ func (x *hashIndex) put(h [hashSize]byte, k *Key) {
 	p.Store(&shard{entries: es})
 }
 
-// build publishes all of es at once (Open). es is consumed.
-func (x *hashIndex) build(es []hashEntry) {
-	// A counting sort by shard puts every shard in one exact-size array.
-	counts := make([]int, shardCount+1)
-	for i := range es {
-		counts[shardOf(&es[i].hash)+1]++
-	}
-	for i := 1; i <= shardCount; i++ {
-		counts[i] += counts[i-1]
-	}
-	sorted := make([]hashEntry, len(es))
-	next := slices.Clone(counts)
-	for i := range es {
-		s := shardOf(&es[i].hash)
-		sorted[next[s]] = es[i]
-		next[s]++
-	}
-	shards := make([]shard, shardCount)
-	for i := range shardCount {
-		part := sorted[counts[i]:counts[i+1]:counts[i+1]]
-		if len(part) == 0 {
-			continue
+// putAll publishes many keys at once (Import): each shard they touch is
+// copied once. es is sorted in place. Writers are serialised by the caller.
+func (x *hashIndex) putAll(es []hashEntry) {
+	slices.SortFunc(es, func(a, b hashEntry) int { return cmpHash(&a.hash, &b.hash) })
+	for lo := 0; lo < len(es); {
+		sh := shardOf(&es[lo].hash)
+		hi := lo + 1
+		for hi < len(es) && shardOf(&es[hi].hash) == sh {
+			hi++
 		}
-		slices.SortFunc(part, func(a, b hashEntry) int { return cmpHash(&a.hash, &b.hash) })
-		shards[i].entries = part
-		x.shards[i].Store(&shards[i])
+		p := &x.shards[sh]
+		var old []hashEntry
+		if cur := p.Load(); cur != nil {
+			old = cur.entries
+		}
+		// Merge two sorted lists; a hash in both takes the new key, as put.
+		merged := make([]hashEntry, 0, len(old)+hi-lo)
+		i := 0
+		for _, e := range es[lo:hi] {
+			for i < len(old) && cmpHash(&old[i].hash, &e.hash) < 0 {
+				merged = append(merged, old[i])
+				i++
+			}
+			if i < len(old) && old[i].hash == e.hash {
+				i++
+			}
+			if n := len(merged); n > 0 && merged[n-1].hash == e.hash {
+				merged[n-1] = e
+				continue
+			}
+			merged = append(merged, e)
+		}
+		merged = append(merged, old[i:]...)
+		p.Store(&shard{entries: merged})
+		lo = hi
+	}
+}
+
+// pendingHash is an index entry during Open: the key is its place in the
+// slab of Keys, so the array holds no pointers and sorting it costs the
+// garbage collector nothing.
+type pendingHash struct {
+	hash [hashSize]byte
+	ord  uint32
+}
+
+// build publishes the index of keys at once (Open); ph[i].ord indexes keys.
+// Entries are grouped by shard with two 256-way radix passes, each writing
+// 256 sequential streams that stay in cache (a direct 65,536-way scatter
+// misses the cache on nearly every write), then sorted within each shard,
+// then written out in order.
+func (x *hashIndex) build(ph []pendingHash, keys []Key) {
+	tmp := make([]pendingHash, len(ph))
+	radixPass(tmp, ph, 1)
+	radixPass(ph, tmp, 0)
+	all := make([]hashEntry, len(ph))
+	shards := make([]shard, shardCount)
+	for lo := 0; lo < len(ph); {
+		sh := shardOf(&ph[lo].hash)
+		hi := lo + 1
+		for hi < len(ph) && shardOf(&ph[hi].hash) == sh {
+			hi++
+		}
+		part := ph[lo:hi]
+		slices.SortFunc(part, func(a, b pendingHash) int { return cmpHash(&a.hash, &b.hash) })
+		for i := range part {
+			all[lo+i] = hashEntry{hash: part[i].hash, key: &keys[part[i].ord]}
+		}
+		shards[sh].entries = all[lo:hi:hi]
+		x.shards[sh].Store(&shards[sh])
+		lo = hi
+	}
+}
+
+// radixPass copies src into dst stably sorted by the hash byte at b.
+func radixPass(dst, src []pendingHash, b int) {
+	var next [257]int
+	for i := range src {
+		next[int(src[i].hash[b])+1]++
+	}
+	for i := 1; i <= 256; i++ {
+		next[i] += next[i-1]
+	}
+	for i := range src {
+		c := src[i].hash[b]
+		dst[next[c]] = src[i]
+		next[c]++
 	}
 }
 

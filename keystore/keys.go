@@ -74,21 +74,12 @@ func (s *Store) CreateKey(nk NewKey, now time.Time) (KeyInfo, string, error) {
 	if err != nil {
 		return KeyInfo{}, "", err
 	}
-	var expires int64
-	if !nk.ExpiresAt.IsZero() {
-		if expires, err = nanos("expiry", nk.ExpiresAt); err != nil {
-			return KeyInfo{}, "", err
-		}
-		if expires <= created {
-			return KeyInfo{}, "", fmt.Errorf("%w: expiry %s is not after now (%s)", ErrInvalid,
-				nk.ExpiresAt.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
-		}
-	}
-	if err := validateKey(&nk); err != nil {
+	expires, err := validateNewKey(&nk, created, now)
+	if err != nil {
 		return KeyInfo{}, "", err
 	}
 
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return KeyInfo{}, "", ErrClosed
@@ -165,7 +156,7 @@ func (s *Store) Revoke(id string, now time.Time) (KeyInfo, error) {
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return KeyInfo{}, ErrClosed
@@ -214,7 +205,7 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old KeyIn
 	}
 	revokeAt := at + int64(grace)
 
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return old, nw, "", ErrClosed
@@ -374,6 +365,10 @@ func validateKey(nk *NewKey) error {
 	if n := utf8.RuneCountInString(nk.Name); n > maxNameLen {
 		return fmt.Errorf("%w: key name is %d characters, at most %d", ErrInvalid, n, maxNameLen)
 	}
+	if i := controlAt(nk.Name); i >= 0 {
+		return fmt.Errorf("%w: key name %q has %s at byte %d: control characters are not allowed",
+			ErrInvalid, nk.Name, charAt(nk.Name, i), i)
+	}
 	if len(nk.Scopes) == 0 {
 		return fmt.Errorf("%w: a key needs at least one scope", ErrInvalid)
 	}
@@ -386,6 +381,8 @@ func validateKey(nk *NewKey) error {
 			return fmt.Errorf("%w: scope %d is empty", ErrInvalid, i+1)
 		case len(sc) > maxScopeLen:
 			return fmt.Errorf("%w: scope %.20q... is longer than %d bytes", ErrInvalid, sc, maxScopeLen)
+		case controlAt(sc) >= 0:
+			return fmt.Errorf("%w: scope %q has %s: control characters are not allowed", ErrInvalid, sc, charAt(sc, controlAt(sc)))
 		case slices.Contains(nk.Scopes[:i], sc):
 			return fmt.Errorf("%w: scope %q is listed twice", ErrInvalid, sc)
 		}

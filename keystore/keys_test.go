@@ -88,6 +88,12 @@ func TestCreateKeyInvalid(t *testing.T) {
 		{"duplicate scope", with(func(nk *keystore.NewKey) { nk.Scopes = []string{"a", "b", "a"} }), keystore.ErrInvalid, `"a" is listed twice`},
 		{"long name", with(func(nk *keystore.NewKey) { nk.Name = strings.Repeat("é", 201) }), keystore.ErrInvalid, "201 characters"},
 		{"invalid utf-8 name", with(func(nk *keystore.NewKey) { nk.Name = "\xff" }), keystore.ErrInvalid, "UTF-8"},
+		{"newline in name", with(func(nk *keystore.NewKey) { nk.Name = "prod\nkey" }), keystore.ErrInvalid, `'\n' at byte 4`},
+		{"tab in name", with(func(nk *keystore.NewKey) { nk.Name = "é\tx" }), keystore.ErrInvalid, `'\t' at byte 2`},
+		{"NUL in name", with(func(nk *keystore.NewKey) { nk.Name = "\x00" }), keystore.ErrInvalid, `'\x00' at byte 0`},
+		{"C1 control in name", with(func(nk *keystore.NewKey) { nk.Name = "a\u0085" }), keystore.ErrInvalid, `'\u0085' at byte 1`},
+		{"line separator in name", with(func(nk *keystore.NewKey) { nk.Name = "a\u2028b" }), keystore.ErrInvalid, `'\u2028' at byte 1`},
+		{"newline in scope", with(func(nk *keystore.NewKey) { nk.Scopes = []string{"chat:\nwrite"} }), keystore.ErrInvalid, `'\n'`},
 		{"negative cap", with(func(nk *keystore.NewKey) { nk.SpendCap = -1 }), keystore.ErrInvalid, "spend cap"},
 		{"negative rate", with(func(nk *keystore.NewKey) { nk.RateLimit = ratelimit.Rate{N: -1, Per: time.Second} }), keystore.ErrInvalid, "rate limit"},
 		{"rate without period", with(func(nk *keystore.NewKey) { nk.RateLimit = ratelimit.Rate{N: 5} }), keystore.ErrInvalid, "rate limit"},
@@ -106,8 +112,10 @@ func TestCreateKeyInvalid(t *testing.T) {
 	if keys := s.Keys(""); len(keys) != 0 {
 		t.Errorf("invalid creations left keys: %v", keys)
 	}
-	if _, _, err := s.CreateKey(with(func(nk *keystore.NewKey) { nk.Name = strings.Repeat("é", 200) }), t0); err != nil {
-		t.Errorf("a 200-character name: %v", err)
+	for _, name := range []string{strings.Repeat("é", 200), "prod 🔑 – ünïcode", "team\u200dname"} {
+		if _, _, err := s.CreateKey(with(func(nk *keystore.NewKey) { nk.Name = name }), t0); err != nil {
+			t.Errorf("name %q: %v", name, err)
+		}
 	}
 }
 
@@ -348,5 +356,26 @@ func TestKeysSameTime(t *testing.T) {
 		if keys[i-1].ID >= keys[i].ID {
 			t.Fatalf("keys %d and %d out of ID order: %s, %s", i-1, i, keys[i-1].ID, keys[i].ID)
 		}
+	}
+}
+
+// TestExpiredAndRevokedStay: the store keeps both for operators to list, and
+// says which is which.
+func TestExpiredAndRevokedStay(t *testing.T) {
+	s := keystoretest.Open(t)
+	mustAccount(t, s, "acme", 0)
+	expiring, _ := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}, ExpiresAt: t0.Add(time.Hour)})
+	revoked, _ := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}})
+	if _, err := s.Revoke(revoked.ID, t0); err != nil {
+		t.Fatal(err)
+	}
+	later := t0.Add(2 * time.Hour)
+	states := map[string]string{}
+	for _, k := range s.Keys("acme") {
+		states[k.ID] = k.State(later)
+	}
+	want := map[string]string{expiring.ID: keystore.StateExpired, revoked.ID: keystore.StateRevoked}
+	if diff := cmp.Diff(want, states); diff != "" {
+		t.Errorf("states (-want +got):\n%s", diff)
 	}
 }

@@ -1,15 +1,24 @@
 package keystore
 
 import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/keygate/keygate/keystore/money"
 )
 
 // TestFlushFailureRetries makes a flush fail (the file is read-only
 // underneath the store) and checks that the values stay dirty: the next
-// flush writes the latest ones.
+// flush writes them, with no debit in between to mark them again.
 func TestFlushFailureRetries(t *testing.T) {
 	path := t.TempDir() + "/keygate.db"
 	s, err := Open(path, Options{})
@@ -43,9 +52,6 @@ func TestFlushFailureRetries(t *testing.T) {
 	if err := s.Flush(); err == nil {
 		t.Fatal("Flush on a read-only file succeeded")
 	}
-	if err := s.Debit(k, 5); err != nil { // lands on the re-marked entries
-		t.Fatal(err)
-	}
 
 	s.wmu.Lock()
 	ro.Close()
@@ -63,7 +69,271 @@ func TestFlushFailureRetries(t *testing.T) {
 	defer r.Close()
 	a, _ := r.Account("acme")
 	got, _ := r.Key(info.ID)
-	if a.Balance != 85 || got.Spent != 15 {
-		t.Errorf("after a failed flush and a good one: balance %d, spent %d; want 85 and 15", a.Balance, got.Spent)
+	if a.Balance != 90 || got.Spent != 10 {
+		t.Errorf("after a failed flush and a good one: balance %d, spent %d; want 90 and 10", a.Balance, got.Spent)
+	}
+}
+
+// TestSortEntries checks the flush's radix sort against a plain sort by ID,
+// on IDs that share prefixes, are shorter than the 16 bytes it sorts on, or
+// are equal in those 16 bytes and differ after them.
+func TestSortEntries(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	gens := map[string]func(i int) string{
+		"key ids": func(int) string {
+			id, err := newKeyID()
+			if err != nil {
+				t.Fatal(err)
+			}
+			return id
+		},
+		"numbered accounts": func(i int) string { return fmt.Sprintf("acct-%07d", rnd.IntN(1_000_000)) },
+		"short":             func(i int) string { return string(rune('a'+rnd.IntN(3))) + strings.Repeat("b", rnd.IntN(3)) },
+		"long, same 16 bytes": func(i int) string {
+			return "customer-0000000" + strconv.Itoa(rnd.IntN(100_000))
+		},
+		"mixed lengths": func(i int) string { return strings.Repeat("x", rnd.IntN(20)) + strconv.Itoa(i%7) },
+	}
+	for name, gen := range gens {
+		t.Run(name, func(t *testing.T) {
+			for _, n := range []int{0, 1, 2, 100, 10_000} {
+				es := make([]flushEntry, n)
+				for i := range es {
+					es[i] = flushEntry{id: gen(i), val: money.Micros(i)}
+					es[i].setPrefix()
+				}
+				want := slices.Clone(es)
+				slices.SortStableFunc(want, func(x, y flushEntry) int { return strings.Compare(x.id, y.id) })
+				got, other := sortEntries(es, make([]flushEntry, 3), nil)
+				if !slices.IsSortedFunc(got, func(x, y flushEntry) int { return strings.Compare(x.id, y.id) }) {
+					t.Fatalf("n=%d: not sorted by ID", n)
+				}
+				// Same multiset: compare the IDs and values as sorted by both.
+				key := func(f flushEntry) string { return f.id + "\x00" + strconv.Itoa(int(f.val)) }
+				gotKeys, wantKeys := make([]string, n), make([]string, n)
+				for i := range got {
+					gotKeys[i], wantKeys[i] = key(got[i]), key(want[i])
+				}
+				slices.Sort(gotKeys)
+				slices.Sort(wantKeys)
+				if !slices.Equal(gotKeys, wantKeys) {
+					t.Fatalf("n=%d: entries changed by the sort", n)
+				}
+				if len(other) != 0 || cap(other) < n {
+					t.Errorf("n=%d: the other buffer has len %d, cap %d; want 0 and at least %d", n, len(other), cap(other), n)
+				}
+			}
+		})
+	}
+}
+
+// TestPacerDelay: the pause after a slice of work keeps the flush to
+// flushShare of a CPU while it has time, shrinks as the deadline nears, and
+// is zero when the flush is behind or told to hurry.
+func TestPacerDelay(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	const w = 100 * time.Microsecond
+	tests := []struct {
+		name        string
+		hurry       bool
+		deadline    time.Duration // from now
+		worked      time.Duration
+		done, total float64
+		want        time.Duration
+	}{
+		{"plenty of time", false, time.Hour, time.Millisecond, 10, 100, w * 19},
+		{"no estimate yet", false, time.Hour, 0, 0, 100, w * 19},
+		{"half the time needed", false, 18 * time.Millisecond, 9 * time.Millisecond, 50, 100, w},
+		{"behind", false, 5 * time.Millisecond, 9 * time.Millisecond, 50, 100, 0},
+		{"past the deadline", false, -time.Second, time.Millisecond, 50, 100, 0},
+		{"hurry", true, time.Hour, time.Millisecond, 10, 100, 0},
+		{"more done than estimated", false, time.Hour, time.Millisecond, 120, 100, w * 19},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := &pacer{
+				deadline: now.Add(tt.deadline),
+				hurry:    func() bool { return tt.hurry },
+				total:    tt.total, done: tt.done, worked: tt.worked,
+			}
+			got := p.delay(now, w)
+			if diff := got - tt.want; diff < -time.Microsecond || diff > time.Microsecond {
+				t.Errorf("delay = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestPacedFlush runs a paced flush while debits land on accounts it has
+// already copied and on accounts it has not (the pacer's hurry hook debits
+// at every pause, from inside the flush): each account's balance and its
+// key's spend reach the file together, and the debits made after an
+// account was copied are written by the next flush.
+func TestPacedFlush(t *testing.T) {
+	path := t.TempDir() + "/keygate.db"
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	const n, opening = 3000, 1_000_000
+	accounts := make([]ImportAccount, n)
+	nks := make([]NewKey, n)
+	for i := range n {
+		accounts[i] = ImportAccount{ID: fmt.Sprintf("acct-%05d", i), Balance: opening}
+		nks[i] = NewKey{Account: accounts[i].ID, Scopes: []string{"a"}}
+	}
+	imported, err := s.Import(accounts, nks, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []*Key
+	for _, ik := range imported {
+		k, _ := s.Lookup(ik.Secret, now)
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		if err := s.Debit(k, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rnd := rand.New(rand.NewPCG(3, 4))
+	pauses := 0
+	err = s.flush(&pacer{
+		deadline: time.Now().Add(100 * time.Millisecond),
+		hurry: func() bool {
+			pauses++
+			for range 20 {
+				if err := s.Debit(keys[rnd.IntN(n)], 3); err != nil {
+					t.Error(err)
+				}
+			}
+			return false
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pauses == 0 {
+		t.Fatal("the paced flush never paused")
+	}
+	if s.dirty.Load() == nil {
+		t.Error("debits made during the flush left nothing to flush")
+	}
+	check := func(what string, st *Store) {
+		t.Helper()
+		for i, k := range keys {
+			a, _ := st.Account(k.Account)
+			info, _ := st.Key(k.ID)
+			if a.Balance+info.Spent != opening || info.Spent == 0 {
+				t.Fatalf("%s: account %d: balance %d + spend %d, want %d with a spend", what, i, a.Balance, info.Spent, opening)
+			}
+		}
+	}
+	c, err := Open(copyFile(t, path), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("a crash after the paced flush", c)
+	c.Close()
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c, err = Open(copyFile(t, path), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	check("a crash after the next flush", c)
+	for _, k := range keys {
+		want, _ := s.Key(k.ID)
+		if got, _ := c.Key(k.ID); got.Spent != want.Spent {
+			t.Fatalf("key %s: spend %d on disk after the next flush, %d in memory", k.ID, got.Spent, want.Spent)
+		}
+	}
+}
+
+// copyFile copies the file of an open store, as a crash would leave it.
+func copyFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := t.TempDir() + "/copy.db"
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestCreditDuringPacedFlush: an admin write that arrives while a paced
+// flush holds the store waits for it (the flush stops pausing), then runs;
+// the file ends up with both, consistent.
+func TestCreditDuringPacedFlush(t *testing.T) {
+	path := t.TempDir() + "/keygate.db"
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	const n = 2000
+	accounts := make([]ImportAccount, n)
+	nks := make([]NewKey, n)
+	for i := range n {
+		accounts[i] = ImportAccount{ID: fmt.Sprintf("acct-%05d", i), Balance: 1000}
+		nks[i] = NewKey{Account: accounts[i].ID, Scopes: []string{"a"}}
+	}
+	imported, err := s.Import(accounts, nks, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ik := range imported {
+		k, _ := s.Lookup(ik.Secret, now)
+		if err := s.Debit(k, 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	paused := make(chan struct{})
+	var once sync.Once
+	hurried := false
+	flushed := make(chan error, 1)
+	go func() {
+		flushed <- s.flush(&pacer{
+			deadline: time.Now().Add(time.Hour), // left alone, it would pause for a long while
+			hurry: func() bool {
+				once.Do(func() { close(paused) })
+				hurried = s.waiting.Load() > 0
+				return hurried
+			},
+		})
+	}()
+	<-paused
+	if _, err := s.Credit("acct-00000", 5); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-flushed; err != nil {
+		t.Fatal(err)
+	}
+	if !hurried {
+		t.Error("the paced flush did not see the waiting Credit")
+	}
+	c, err := Open(copyFile(t, path), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i, ik := range imported {
+		a, _ := c.Account(accounts[i].ID)
+		k, _ := c.Key(ik.ID)
+		want := money.Micros(990)
+		if i == 0 {
+			want += 5
+		}
+		if a.Balance != want || k.Spent != 10 {
+			t.Fatalf("account %d on disk: balance %d, spent %d; want %d and 10", i, a.Balance, k.Spent, want)
+		}
 	}
 }

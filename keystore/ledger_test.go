@@ -3,6 +3,7 @@ package keystore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -297,5 +298,141 @@ func TestRunStopsAfterClose(t *testing.T) {
 	}
 	if err := s.Run(context.Background()); err != nil { // returns at the first flush
 		t.Errorf("Run on a closed store = %v, want nil", err)
+	}
+}
+
+// TestConcurrentUse runs Checks (Lookup, Debit) against admin writes and
+// flushes, for the race detector, then checks the books balance.
+func TestConcurrentUse(t *testing.T) {
+	s := keystoretest.Open(t)
+	const accounts = 8
+	var secrets []string
+	for i := range accounts {
+		id := fmt.Sprintf("acct-%d", i)
+		mustAccount(t, s, id, 1_000_000)
+		_, secret := mustKey(t, s, keystore.NewKey{Account: id, Scopes: []string{"a"}, SpendCap: 500_000})
+		secrets = append(secrets, secret)
+	}
+	var (
+		wg      sync.WaitGroup
+		stop    atomic.Bool
+		debited [accounts]atomic.Int64
+	)
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := g; !stop.Load(); i++ {
+				n := i % accounts
+				k, ok := s.Lookup(secrets[n], t0)
+				if !ok {
+					t.Error("Lookup failed during admin writes")
+					return
+				}
+				if s.Debit(k, 3) == nil {
+					debited[n].Add(3)
+				}
+			}
+		}()
+	}
+	for i := range 30 {
+		acct := fmt.Sprintf("acct-%d", i%accounts)
+		info, _ := mustKey(t, s, keystore.NewKey{Account: acct, Scopes: []string{"a"}})
+		if _, _, _, err := s.Rotate(info.ID, time.Hour, t0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Credit(acct, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		s.Keys("")
+		s.Accounts()
+	}
+	stop.Store(true)
+	wg.Wait()
+	for n := range accounts {
+		a, _ := s.Account(fmt.Sprintf("acct-%d", n))
+		credits := int64(30 / accounts)
+		if n < 30%accounts {
+			credits++
+		}
+		if want := 1_000_000 + credits - debited[n].Load(); int64(a.Balance) != want {
+			t.Errorf("%s: balance %d, want %d", a.ID, a.Balance, want)
+		}
+	}
+}
+
+// TestCrashAfterAdminWrite: whatever admin write runs while debits are not
+// yet flushed, a crash right after it leaves a file where the account's
+// balance and its keys' spend count the same debits (all of them, or only
+// the flushed ones), so that no key can spend past its cap after a restart.
+func TestCrashAfterAdminWrite(t *testing.T) {
+	const price = 7_000
+	tests := []struct {
+		name     string
+		write    func(s *keystore.Store, capped, other keystore.KeyInfo) error
+		credited money.Micros
+	}{
+		{"credit", func(s *keystore.Store, _, _ keystore.KeyInfo) error {
+			_, err := s.Credit("acme", 2*money.PerUSD)
+			return err
+		}, 2 * money.PerUSD},
+		{"revoke", func(s *keystore.Store, capped, _ keystore.KeyInfo) error {
+			_, err := s.Revoke(capped.ID, t0)
+			return err
+		}, 0},
+		{"rotate", func(s *keystore.Store, capped, _ keystore.KeyInfo) error {
+			_, _, _, err := s.Rotate(capped.ID, time.Hour, t0)
+			return err
+		}, 0},
+		{"create key", func(s *keystore.Store, _, _ keystore.KeyInfo) error {
+			_, _, err := s.CreateKey(keystore.NewKey{Account: "acme", Scopes: []string{"a"}}, t0)
+			return err
+		}, 0},
+		{"create account", func(s *keystore.Store, _, _ keystore.KeyInfo) error {
+			_, err := s.CreateAccount("other", "", 5, t0)
+			return err
+		}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := tempPath(t)
+			s := mustOpen(t, path)
+			defer s.Close()
+			mustAccount(t, s, "acme", money.PerUSD)
+			capped, cs := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}, SpendCap: 50_000})
+			other, otherSecret := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}})
+			ck, ok := mustLookup(t, s, cs), mustLookup(t, s, otherSecret)
+			debit := func(k *keystore.Key, n int) {
+				for range n {
+					if err := s.Debit(k, price); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			debit(ck, 2) // flushed
+			debit(ok, 1)
+			if err := s.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			debit(ck, 5) // not flushed
+			if err := tt.write(s, capped, other); err != nil {
+				t.Fatal(err)
+			}
+			c := mustOpen(t, crashCopy(t, path))
+			defer c.Close()
+			a, _ := c.Account("acme")
+			kc, _ := c.Key(capped.ID)
+			ko, _ := c.Key(other.ID)
+			if got, want := a.Balance+kc.Spent+ko.Spent, money.PerUSD+tt.credited; got != want {
+				t.Errorf("after a crash: balance %d + spends %d and %d = %d, want %d",
+					a.Balance, kc.Spent, ko.Spent, got, want)
+			}
+			if kc.Spent != 2*price && kc.Spent != 7*price {
+				t.Errorf("after a crash: capped key spent %d, want %d (flushed) or %d (all)", kc.Spent, 2*price, 7*price)
+			}
+		})
 	}
 }

@@ -36,17 +36,30 @@ func ValidSecretFormat(secret string) bool {
 		return false
 	}
 	body := secret[len(secretPrefix):]
-	for i := 0; i < len(body); i++ {
-		if base62Value(body[i]) < 0 {
-			return false
-		}
+	var seen byte // the high bit is set if any character is not base62
+	for i := range secretRandLen {
+		seen |= base62Index[body[i]]
 	}
 	var sum uint64
 	for i := secretRandLen; i < len(body); i++ {
-		sum = sum*62 + uint64(base62Value(body[i]))
+		v := base62Index[body[i]]
+		seen |= v
+		sum = sum*62 + uint64(v)
 	}
-	return sum == uint64(checksum(body[:secretRandLen]))
+	return seen&0x80 == 0 && sum == uint64(checksum(body[:secretRandLen]))
 }
+
+// base62Index maps a character to its base62 value, or to 0xff. It is a
+// constant table, built once.
+var base62Index = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for i := range len(base62Alphabet) {
+		t[base62Alphabet[i]] = byte(i)
+	}
+	return t
+}()
 
 // checksum is the CRC32 (IEEE) of s, a byte at a time: crc32.ChecksumIEEE
 // would make its argument escape (it calls through a function variable), so
@@ -66,18 +79,6 @@ func hashSecret(secret string) [hashSize]byte {
 	var buf [secretLen]byte
 	n := copy(buf[:], secret)
 	return sha256.Sum256(buf[:n])
-}
-
-func base62Value(c byte) int {
-	switch {
-	case c >= '0' && c <= '9':
-		return int(c - '0')
-	case c >= 'A' && c <= 'Z':
-		return int(c-'A') + 10
-	case c >= 'a' && c <= 'z':
-		return int(c-'a') + 36
-	}
-	return -1
 }
 
 // appendBase62Random appends n uniformly random base62 characters from

@@ -1,7 +1,6 @@
 package keystore
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -70,9 +69,11 @@ type Store struct {
 	flushEvery time.Duration
 	metrics    *ledgerMetrics
 
-	idx       *hashIndex              // the hot path's view of keys: lock-free
-	dirty     atomic.Pointer[account] // accounts with unflushed changes, linked through nextDirty
-	endOfList *keyEntry               // ends an account's list of dirty keys
+	idx        *hashIndex              // the hot path's view of keys: lock-free
+	dirty      atomic.Pointer[account] // accounts with unflushed changes, linked through nextDirty
+	dirtyCount atomic.Int64            // about how many: the pacer's estimate
+	endOfList  *keyEntry               // ends an account's list of dirty keys
+	waiting    atomic.Int32            // admin writes, Flush or Close waiting for wmu: a paced flush hurries
 
 	// wmu serialises admin writes and flushes, so that memory is changed
 	// only after the disk, in the disk's order. The hot path never takes it.
@@ -168,7 +169,8 @@ func (s *Store) openDB(lockTimeout time.Duration) (err error) {
 		}
 	}()
 	db, err := bolt.Open(s.path, 0o600, &bolt.Options{
-		Timeout: lockTimeout,
+		Timeout:         lockTimeout,
+		InitialMmapSize: initialMmapSize(s.path),
 		OpenFile: func(name string, flag int, perm os.FileMode) (*os.File, error) {
 			f, err := os.OpenFile(name, flag, perm)
 			file = f
@@ -192,17 +194,35 @@ func (s *Store) openDB(lockTimeout time.Duration) (err error) {
 	return nil
 }
 
+// initialMmapSize is how much of the file bbolt maps at first: for a store
+// of 16 MiB or more, twice its size (address space, not memory: only the
+// pages read are resident). When a write transaction outgrows the mapping,
+// bbolt remaps the file inside the commit, after copying every key and
+// value the transaction changed out of the old mapping: for a flush of
+// 100,000 accounts, a burst of tens of milliseconds that pacing cannot
+// split. Smaller files are left to bbolt: below its allocation step
+// (16 MiB) it grows the file to the size of the mapping, so a larger
+// mapping would make a small store's file that large.
+func initialMmapSize(path string) int {
+	const boltAllocStep = 16 << 20 // bbolt's default DB.AllocSize
+	fi, err := os.Stat(path)
+	if err != nil || fi.Size() < boltAllocStep {
+		return 0
+	}
+	return int(min(2*fi.Size(), 1<<30))
+}
+
 // Close flushes the ledger and closes the file. It is safe to call more than
 // once; after it, reads still answer from memory and writes fail with
 // ErrClosed.
 func (s *Store) Close() error {
-	s.wmu.Lock()
+	s.lock()
 	defer s.wmu.Unlock()
 	if s.closed {
 		return nil
 	}
 	s.closed = true
-	ferr := s.flushLocked()
+	ferr := s.flushLocked(nil)
 	if err := s.db.Close(); err != nil {
 		return errors.Join(ferr, fmt.Errorf("close %s: %w", s.path, err))
 	}
@@ -281,10 +301,10 @@ func syncDir(dir string) error {
 // (page, sequence), freelist page, high-water page, txid and an FNV-64a
 // checksum of the fields before it, in the machine's byte order.
 const (
-	boltMagic      = 0xED0CDAED
-	boltVersion    = 2
-	metaOff        = 16
-	metaSumOff     = metaOff + 56
+	boltMagic        = 0xED0CDAED
+	boltVersion      = 2
+	metaOff          = 16
+	metaSumOff       = metaOff + 56
 	metaLen          = metaSumOff + 8
 	freelistPageFlag = 0x10
 )
@@ -426,123 +446,6 @@ func readMeta(r io.ReaderAt, off int64) (m boltMeta, ok, sawMagic bool) {
 		pages:    ne.Uint64(b[metaOff+40:]),
 		txid:     ne.Uint64(b[metaOff+48:]),
 	}, true, true
-}
-
-// load reads the whole store into memory: accounts with their balances, and
-// keys with their spend, into the admin index and the hot-path index.
-func (s *Store) load() error {
-	bad := func(format string, args ...any) error {
-		return fmt.Errorf("%s: %w: %s", s.path, ErrNotKeygate, fmt.Sprintf(format, args...))
-	}
-	return s.db.View(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
-		if meta == nil || !bytes.Equal(meta.Get(metaMagic), magicValue) {
-			return bad("no keygate metadata (is it another program's bbolt file?)")
-		}
-		raw := meta.Get(metaSchema)
-		if len(raw) != 8 || binary.BigEndian.Uint64(raw) == 0 {
-			return bad("bad schema version %x", raw)
-		}
-		if v := binary.BigEndian.Uint64(raw); v > schemaVersion {
-			return fmt.Errorf("%s: %w: schema version %d, this keygate reads up to %d (upgrade keygate)",
-				s.path, ErrSchema, v, schemaVersion)
-		}
-		for _, name := range allBuckets {
-			if tx.Bucket(name) == nil {
-				return bad("bucket %q is missing", name)
-			}
-		}
-		if err := s.loadAccounts(tx); err != nil {
-			return bad("%v", err)
-		}
-		if err := s.loadKeys(tx); err != nil {
-			return bad("%v", err)
-		}
-		return nil
-	})
-}
-
-func (s *Store) loadAccounts(tx *bolt.Tx) error {
-	bal := tx.Bucket(bucketBalances).Cursor()
-	bk, bv := bal.First()
-	c := tx.Bucket(bucketAccounts).Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		id := string(k)
-		if err := validateAccountID(id); err != nil {
-			return err
-		}
-		rec, err := decodeAccount(v)
-		if err != nil {
-			return fmt.Errorf("account %s: %w", id, err)
-		}
-		// Balances are keyed like accounts, so both cursors advance together.
-		if bk == nil || !bytes.Equal(bk, k) {
-			return fmt.Errorf("account %s has no balance (or balance of %q has no account)", id, bk)
-		}
-		b, err := getMicros(bv)
-		if err != nil {
-			return fmt.Errorf("balance of %s: %w", id, err)
-		}
-		bk, bv = bal.Next()
-		s.accounts[id] = &account{id: id, tier: s.internLocked(string(rec.tier)), createdAt: rec.createdAt, balance: b}
-	}
-	if bk != nil {
-		return fmt.Errorf("balance of %q has no account", bk)
-	}
-	return nil
-}
-
-func (s *Store) loadKeys(tx *bolt.Tx) error {
-	var hashes []hashEntry
-	c := tx.Bucket(bucketKeys).Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		rec, err := decodeKey(v)
-		if err != nil {
-			return fmt.Errorf("key %s: %w", k, err)
-		}
-		a := s.accounts[string(rec.account)]
-		if a == nil {
-			return fmt.Errorf("key %s: account %q does not exist", k, rec.account)
-		}
-		scopes, ok := s.scopeSets[string(rec.scopes)]
-		if !ok {
-			scopes = s.scopeSetLocked(rec.scopeList())
-		}
-		e := &keyEntry{createdAt: rec.createdAt}
-		if len(rec.name) > 0 {
-			e.name = string(rec.name)
-		}
-		if len(rec.rotatedTo) > 0 {
-			e.rotatedTo = string(rec.rotatedTo)
-		}
-		key := &Key{
-			ID: string(k), Account: a.id, Tier: a.tier, Scopes: scopes,
-			RateLimit: rec.rate, SpendCap: rec.spendCap,
-			expiresAt: rec.expiresAt, revokedAt: rec.revokedAt, acct: a, entry: e,
-		}
-		e.cur = key
-		s.byID = append(s.byID, e) // bbolt iterates in key order: byID comes out sorted
-		a.keys = append(a.keys, e)
-		hashes = append(hashes, hashEntry{hash: rec.hash, key: key})
-	}
-	// Spend is keyed like keys: walk both in order.
-	i := 0
-	sp := tx.Bucket(bucketSpend).Cursor()
-	for k, v := sp.First(); k != nil; k, v = sp.Next() {
-		for i < len(s.byID) && s.byID[i].cur.ID < string(k) {
-			i++
-		}
-		if i == len(s.byID) || s.byID[i].cur.ID != string(k) {
-			return fmt.Errorf("spend of %q has no key", k)
-		}
-		m, err := getMicros(v)
-		if err != nil {
-			return fmt.Errorf("spend of %s: %w", k, err)
-		}
-		s.byID[i].spent = m
-	}
-	s.idx.build(hashes)
-	return nil
 }
 
 // nanos converts a time the caller gave into the stored form, Unix

@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -285,7 +286,7 @@ func TestOpenRefuses(t *testing.T) {
 			}
 			// The refused file is not left locked.
 			db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 50 * time.Millisecond, ReadOnly: true})
-			if errors.Is(err, bolt.ErrTimeout) {
+			if errors.Is(err, bolterrors.ErrTimeout) {
 				t.Errorf("the file is still locked after a refused Open (%v)", refused)
 			}
 			if err == nil {

@@ -44,8 +44,8 @@ routes:
   - {method: POST, path: /v1/images/generations, scope: images:write, price_usd: "0.000040"}
 `
 
-// seed creates path and fills it through the store's Go API, as an operator's
-// tooling would: one transaction per account and per key.
+// seed creates path and fills it through the store's Go API in one batch
+// (Store.Import), as an operator's migration tooling would.
 func seed(ctx context.Context, path string, sp seedSpec) (seeded, error) {
 	start := time.Now()
 	st, err := keystore.Open(path, keystore.Options{})
@@ -62,47 +62,39 @@ func seed(ctx context.Context, path string, sp seedSpec) (seeded, error) {
 
 func fill(ctx context.Context, st *keystore.Store, sp seedSpec, now time.Time) (seeded, error) {
 	var out seeded
-	ids := make([]string, sp.Accounts)
-	for i := range ids {
-		if err := ctx.Err(); err != nil { // a large store takes a while: stay interruptible
-			return out, err
-		}
-		ids[i] = fmt.Sprintf(sp.AccountName, i)
-		if _, err := st.CreateAccount(ids[i], "free", sp.Balance, now); err != nil {
-			return out, err
-		}
+	if err := ctx.Err(); err != nil {
+		return out, err
 	}
-	key := func(account string, r ratelimit.Rate) (string, error) {
-		_, secret, err := st.CreateKey(keystore.NewKey{Account: account, Name: "bench", Scopes: benchScopes, RateLimit: r}, now)
-		return secret, err
+	ids := make([]string, sp.Accounts)
+	accounts := make([]keystore.ImportAccount, sp.Accounts)
+	for i := range ids {
+		ids[i] = fmt.Sprintf(sp.AccountName, i)
+		accounts[i] = keystore.ImportAccount{ID: ids[i], Tier: "free", Balance: sp.Balance}
 	}
 	fast := ratelimit.Rate{N: 1_000_000, Per: time.Second}
-	// Keys are created account-major, then listed key-major, so that round-
-	// robin over the list visits every account before an account's next key.
-	perAccount := make([][]string, sp.Accounts)
-	for i, id := range ids {
-		if err := ctx.Err(); err != nil {
-			return out, err
-		}
-		for range sp.KeysPer {
-			s, err := key(id, fast)
-			if err != nil {
-				return out, err
-			}
-			perAccount[i] = append(perAccount[i], s)
-		}
-	}
-	for k := range sp.KeysPer {
-		for i := range ids {
-			out.Keys = append(out.Keys, perAccount[i][k])
+	// Keys are listed key-major, so that round-robin over the list visits
+	// every account before an account's next key.
+	keys := make([]keystore.NewKey, 0, sp.KeysPer*sp.Accounts+sp.Limited)
+	for range sp.KeysPer {
+		for _, id := range ids {
+			keys = append(keys, keystore.NewKey{Account: id, Name: "bench", Scopes: benchScopes, RateLimit: fast})
 		}
 	}
 	for i := range sp.Limited {
-		s, err := key(ids[i%len(ids)], ratelimit.Rate{N: 1, Per: 24 * time.Hour})
-		if err != nil {
-			return out, err
+		keys = append(keys, keystore.NewKey{Account: ids[i%len(ids)], Name: "bench-limited", Scopes: benchScopes,
+			RateLimit: ratelimit.Rate{N: 1, Per: 24 * time.Hour}})
+	}
+	imported, err := st.Import(accounts, keys, now)
+	if err != nil {
+		return out, err
+	}
+	n := sp.KeysPer * sp.Accounts
+	for i, k := range imported {
+		if i < n {
+			out.Keys = append(out.Keys, k.Secret)
+		} else {
+			out.Limited = append(out.Limited, k.Secret)
 		}
-		out.Limited = append(out.Limited, s)
 	}
 	return out, nil
 }
