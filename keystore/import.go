@@ -156,7 +156,7 @@ func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs [
 	}
 	acctOrder := byID(len(accounts), func(i int) string { return accounts[i].ID })
 	keyOrder := byID(len(keys), func(i int) string { return keys[i].ID })
-	var buf []byte
+	buf := make([]byte, 0, 32*len(accounts)+128*len(keys)) // about right: fewer copies
 	cut := func(start int) []byte { return buf[start:len(buf):len(buf)] }
 	return s.db.Update(func(tx *bolt.Tx) error {
 		acc, bal, kb := tx.Bucket(bucketAccounts), tx.Bucket(bucketBalances), tx.Bucket(bucketKeys)

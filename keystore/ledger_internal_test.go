@@ -304,7 +304,12 @@ func TestCreditDuringPacedFlush(t *testing.T) {
 		flushed <- s.flush(&pacer{
 			deadline: time.Now().Add(time.Hour), // left alone, it would pause for a long while
 			hurry: func() bool {
-				once.Do(func() { close(paused) })
+				once.Do(func() { // let the Credit start, and wait until it waits
+					close(paused)
+					for s.waiting.Load() == 0 {
+						time.Sleep(time.Millisecond)
+					}
+				})
 				hurried = s.waiting.Load() > 0
 				return hurried
 			},
