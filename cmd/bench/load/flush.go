@@ -104,7 +104,9 @@ func (b *bench) measureFlush(ctx context.Context) error {
 	iv := time.Duration(math.Ceil(2*float64(b.o.flushAccts)/rate)) * time.Second
 	iv = max(iv, flushLead+time.Second) // a second of warm-up at least
 	fr.Interval = iv
-	on, err := b.flushPhase(ctx, "flush on", iv, iv-flushLead, window)
+	// keygate paces a flush over up to half its interval: the window must
+	// hold all of it.
+	on, err := b.flushPhase(ctx, "flush on", iv, iv-flushLead, max(window, flushLead+iv/2+2*time.Second))
 	if err != nil {
 		return err
 	}
