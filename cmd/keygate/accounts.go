@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+
 	"github.com/spf13/cobra"
 
 	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
@@ -28,16 +30,13 @@ func newAccountsCmd() *cobra.Command {
 		Short: "Create an account",
 		Args:  nArgs("ACCOUNT"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			a, err := cl.CreateAccount(ctx, &adminv1.CreateAccountRequest{Id: args[0], BalanceUsd: balance, Tier: tier})
-			if err != nil {
-				return af.callErr(err)
-			}
-			return show(c, a)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				a, err := cl.CreateAccount(ctx, &adminv1.CreateAccountRequest{Id: args[0], BalanceUsd: balance, Tier: tier})
+				if err != nil {
+					return err
+				}
+				return show(c, a)
+			})
 		},
 	}
 	create.Flags().StringVar(&balance, "balance", "", "starting balance in USD, e.g. 10 or 0.5 (default 0)")
@@ -48,16 +47,13 @@ func newAccountsCmd() *cobra.Command {
 		Short: "Show an account and its balance",
 		Args:  nArgs("ACCOUNT"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			a, err := cl.GetAccount(ctx, &adminv1.GetAccountRequest{Id: args[0]})
-			if err != nil {
-				return af.callErr(err)
-			}
-			return show(c, a)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				a, err := cl.GetAccount(ctx, &adminv1.GetAccountRequest{Id: args[0]})
+				if err != nil {
+					return err
+				}
+				return show(c, a)
+			})
 		},
 	}
 
@@ -66,16 +62,13 @@ func newAccountsCmd() *cobra.Command {
 		Short: "Add USD to an account's balance",
 		Args:  nArgs("ACCOUNT", "USD"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			a, err := cl.CreditAccount(ctx, &adminv1.CreditAccountRequest{Id: args[0], AmountUsd: args[1]})
-			if err != nil {
-				return af.callErr(err)
-			}
-			return show(c, a)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				a, err := cl.CreditAccount(ctx, &adminv1.CreditAccountRequest{Id: args[0], AmountUsd: args[1]})
+				if err != nil {
+					return err
+				}
+				return show(c, a)
+			})
 		},
 	}
 
@@ -84,23 +77,20 @@ func newAccountsCmd() *cobra.Command {
 		Short: "List accounts",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			r, err := cl.ListAccounts(ctx, &adminv1.ListAccountsRequest{})
-			if err != nil {
-				return af.callErr(err)
-			}
-			vs := make([]accountView, 0, len(r.GetAccounts()))
-			for _, a := range r.GetAccounts() {
-				vs = append(vs, viewAccount(a))
-			}
-			if af.output == "json" {
-				return writeJSON(c.OutOrStdout(), vs)
-			}
-			return printAccounts(c.OutOrStdout(), vs)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				r, err := cl.ListAccounts(ctx, &adminv1.ListAccountsRequest{})
+				if err != nil {
+					return err
+				}
+				vs := make([]accountView, 0, len(r.GetAccounts()))
+				for _, a := range r.GetAccounts() {
+					vs = append(vs, viewAccount(a))
+				}
+				if af.output == "json" {
+					return writeJSON(c.OutOrStdout(), vs)
+				}
+				return printAccounts(c.OutOrStdout(), vs)
+			})
 		},
 	}
 	c.AddCommand(create, get, credit, list)

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/keygate/keygate/cmd/keygate/config"
@@ -110,6 +111,23 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 		}
 	}
 	return adminv1.NewAdminClient(cc), ctx, release, nil
+}
+
+// do runs fn with an admin client, and turns a failed call's error into a
+// message for humans.
+func (a *adminFlags) do(c *cobra.Command, fn func(context.Context, adminv1.AdminClient) error) error {
+	cl, ctx, release, err := a.connect(c)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if err := fn(ctx, cl); err != nil {
+		if _, ok := status.FromError(err); ok {
+			return a.callErr(err)
+		}
+		return err
+	}
+	return nil
 }
 
 // callErr turns a failed admin call into a message that names the problem

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -30,24 +32,21 @@ func newKeysCmd() *cobra.Command {
 		Short: "Issue a key; its secret is shown this once",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			r, err := cl.CreateKey(ctx, &adminv1.CreateKeyRequest{
-				Account: ck.account, Scopes: splitScopes(ck.scopes), Name: ck.name,
-				RateLimit: ck.rate, SpendCapUsd: ck.spendCap, ExpiresIn: ck.expiresIn,
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				r, err := cl.CreateKey(ctx, &adminv1.CreateKeyRequest{
+					Account: ck.account, Scopes: splitScopes(ck.scopes), Name: ck.name,
+					RateLimit: ck.rate, SpendCapUsd: ck.spendCap, ExpiresIn: ck.expiresIn,
+				})
+				if err != nil {
+					return err
+				}
+				v := viewKey(r.GetKey())
+				v.Secret = r.GetSecret()
+				if af.output == "json" {
+					return writeJSON(c.OutOrStdout(), v)
+				}
+				return printSecret(c.OutOrStdout(), v)
 			})
-			if err != nil {
-				return af.callErr(err)
-			}
-			v := viewKey(r.GetKey())
-			v.Secret = r.GetSecret()
-			if af.output == "json" {
-				return writeJSON(c.OutOrStdout(), v)
-			}
-			return printSecret(c.OutOrStdout(), v)
 		},
 	}
 	f := create.Flags()
@@ -63,16 +62,13 @@ func newKeysCmd() *cobra.Command {
 		Short: "Show a key (never its secret)",
 		Args:  nArgs("KEY_ID"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			k, err := cl.GetKey(ctx, &adminv1.GetKeyRequest{Id: args[0]})
-			if err != nil {
-				return af.callErr(err)
-			}
-			return show(c, k)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				k, err := cl.GetKey(ctx, &adminv1.GetKeyRequest{Id: args[0]})
+				if err != nil {
+					return err
+				}
+				return show(c, k)
+			})
 		},
 	}
 
@@ -82,23 +78,20 @@ func newKeysCmd() *cobra.Command {
 		Short: "List keys",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			r, err := cl.ListKeys(ctx, &adminv1.ListKeysRequest{Account: listAccount})
-			if err != nil {
-				return af.callErr(err)
-			}
-			vs := make([]keyView, 0, len(r.GetKeys()))
-			for _, k := range r.GetKeys() {
-				vs = append(vs, viewKey(k))
-			}
-			if af.output == "json" {
-				return writeJSON(c.OutOrStdout(), vs)
-			}
-			return printKeys(c.OutOrStdout(), vs)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				r, err := cl.ListKeys(ctx, &adminv1.ListKeysRequest{Account: listAccount})
+				if err != nil {
+					return err
+				}
+				vs := make([]keyView, 0, len(r.GetKeys()))
+				for _, k := range r.GetKeys() {
+					vs = append(vs, viewKey(k))
+				}
+				if af.output == "json" {
+					return writeJSON(c.OutOrStdout(), vs)
+				}
+				return printKeys(c.OutOrStdout(), vs)
+			})
 		},
 	}
 	list.Flags().StringVar(&listAccount, "account", "", "only this account's keys")
@@ -108,16 +101,13 @@ func newKeysCmd() *cobra.Command {
 		Short: "Revoke a key: refused from the next Check on",
 		Args:  nArgs("KEY_ID"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			k, err := cl.RevokeKey(ctx, &adminv1.RevokeKeyRequest{Id: args[0]})
-			if err != nil {
-				return af.callErr(err)
-			}
-			return show(c, k)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				k, err := cl.RevokeKey(ctx, &adminv1.RevokeKeyRequest{Id: args[0]})
+				if err != nil {
+					return err
+				}
+				return show(c, k)
+			})
 		},
 	}
 
@@ -127,23 +117,20 @@ func newKeysCmd() *cobra.Command {
 		Short: "Issue a replacement key; the old one works for the grace period, then stops",
 		Args:  nArgs("KEY_ID"),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, ctx, done, err := af.connect(c)
-			if err != nil {
-				return err
-			}
-			defer done()
-			r, err := cl.RotateKey(ctx, &adminv1.RotateKeyRequest{Id: args[0], Grace: grace})
-			if err != nil {
-				return af.callErr(err)
-			}
-			v := viewKey(r.GetKey())
-			v.Secret = r.GetSecret()
-			old := viewKey(r.GetOldKey())
-			v.OldKey = &old
-			if af.output == "json" {
-				return writeJSON(c.OutOrStdout(), v)
-			}
-			return printSecret(c.OutOrStdout(), v)
+			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
+				r, err := cl.RotateKey(ctx, &adminv1.RotateKeyRequest{Id: args[0], Grace: grace})
+				if err != nil {
+					return err
+				}
+				v := viewKey(r.GetKey())
+				v.Secret = r.GetSecret()
+				old := viewKey(r.GetOldKey())
+				v.OldKey = &old
+				if af.output == "json" {
+					return writeJSON(c.OutOrStdout(), v)
+				}
+				return printSecret(c.OutOrStdout(), v)
+			})
 		},
 	}
 	rotate.Flags().StringVar(&grace, "grace", "0", "how long the old key keeps working, e.g. 24h or 7d (0: it stops at once)")
