@@ -67,7 +67,7 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 		return g, denyBalance // ErrInsufficientBalance, or any ledger failure: never allow unpaid
 	}
 	if rt.Price > 0 {
-		s.m.debit(rt.Price)
+		s.m.debit(key, rt.Price)
 	}
 	return g, nil
 }

@@ -59,9 +59,12 @@ func checkHandler(srv any, _ context.Context, dec func(any) error, _ grpc.UnaryS
 		return denyMalformed.frozen, nil
 	}
 	r := fromWire(&w)
-	resp, d := s.check(&r)
-	if d != nil && d.frozen != nil {
+	g, d := s.check(&r)
+	switch {
+	case d == nil:
+		return pooledAllow(g.key.ID, g.key.Account, !g.rate.IsZero(), g.lim), nil
+	case d.frozen != nil:
 		return d.frozen, nil
 	}
-	return resp, nil
+	return d.response(g), nil
 }

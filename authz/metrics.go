@@ -4,9 +4,11 @@ import (
 	"strconv"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/money"
 )
 
@@ -25,9 +27,23 @@ type metrics struct {
 	allowed prometheus.Counter
 	denied  map[string]prometheus.Counter // by reason
 	latency prometheus.Observer
-	// Debits are plain atomics read by CounterFuncs: a float counter's Add
-	// is a compare-and-swap loop that Checks on every core would contend on.
-	debits, debited atomic.Int64
+	// Debits are striped atomics read by CounterFuncs: one shared counter
+	// (let alone a float counter's compare-and-swap loop) would bounce its
+	// cache line between the cores of every priced Check.
+	debits [16]debitStripe
+}
+
+type debitStripe struct {
+	n, micros atomic.Int64
+	_         [48]byte // a cache line each
+}
+
+func (m *metrics) sum(f func(*debitStripe) int64) float64 {
+	var t int64
+	for i := range m.debits {
+		t += f(&m.debits[i])
+	}
+	return float64(t)
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -48,11 +64,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	debits := prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "keygate_debits_total",
 		Help: "Priced requests debited from account balances.",
-	}, func() float64 { return float64(m.debits.Load()) })
+	}, func() float64 { return m.sum(func(d *debitStripe) int64 { return d.n.Load() }) })
 	debited := prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "keygate_debited_micros_total",
 		Help: "Amount debited from account balances, in micro-USD.",
-	}, func() float64 { return float64(m.debited.Load()) })
+	}, func() float64 { return m.sum(func(d *debitStripe) int64 { return d.micros.Load() }) })
 	if reg != nil {
 		for _, c := range []prometheus.Collector{checks, latency, debits, debited} {
 			if err := reg.Register(c); err != nil {
@@ -77,7 +93,10 @@ func (m *metrics) observe(d *Denial, took time.Duration) {
 	}
 }
 
-func (m *metrics) debit(price money.Micros) {
-	m.debits.Add(1)
-	m.debited.Add(int64(price))
+// debit counts a debit in the stripe of the key it was made with, so that
+// Checks for different keys touch different cache lines.
+func (m *metrics) debit(k *keystore.Key, price money.Micros) {
+	d := &m.debits[(uintptr(unsafe.Pointer(k))>>7)%uintptr(len(m.debits))]
+	d.n.Add(1)
+	d.micros.Add(int64(price))
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -191,6 +192,34 @@ type allowParts struct {
 // removed here.
 func allowResponse(keyID, account string, limited bool, d ratelimit.Decision) *authv3.CheckResponse {
 	p := new(allowParts)
+	p.fill(keyID, account, limited, d)
+	return &p.resp
+}
+
+// allowPool recycles allow responses on the served path, where the codec
+// hands each one back once it is encoded (wire.Pooled). Nothing else on that
+// server holds a response after encoding: keygate installs no stats handler
+// and no binary logger, which would.
+var allowPool = sync.Pool{New: func() any { return new(allowParts) }}
+
+func pooledAllow(keyID, account string, limited bool, d ratelimit.Decision) *allowParts {
+	p := allowPool.Get().(*allowParts)
+	p.fill(keyID, account, limited, d)
+	return p
+}
+
+// Encoded implements wire.Pooled.
+func (p *allowParts) Encoded() any { return &p.resp }
+
+// Release implements wire.Pooled: the response has been encoded.
+func (p *allowParts) Release() {
+	*p = allowParts{}
+	allowPool.Put(p)
+}
+
+var _ wire.Pooled = (*allowParts)(nil)
+
+func (p *allowParts) fill(keyID, account string, limited bool, d ratelimit.Decision) {
 	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: keyID}
 	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: account}
 	for i := range p.idOpts {
@@ -207,7 +236,6 @@ func allowResponse(keyID, account string, limited bool, d ratelimit.Decision) *a
 	// Status stays unset: Envoy reads a missing status as OK, and
 	// google.rpc.Status has no fast encoder.
 	p.resp.HttpResponse = &p.ok
-	return &p.resp
 }
 
 // removeAuthorization is shared by every allow response; the gRPC codec only

@@ -97,20 +97,19 @@ func New(c Config) (*Server, error) {
 // CheckRequest.
 func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	r := fromProto(req.GetAttributes().GetRequest().GetHttp())
-	resp, _ := s.check(&r)
-	return resp, nil
+	g, d := s.check(&r)
+	if d != nil {
+		return d.response(g), nil
+	}
+	return s.allow(g), nil
 }
 
-// check decides r and returns the response with the denial it carries (nil
-// when allowed).
-func (s *Server) check(r *request) (*authv3.CheckResponse, *Denial) {
+// check decides r, counts and logs the outcome, and returns the grant and
+// the denial (nil when allowed) for the caller to answer with.
+func (s *Server) check(r *request) (grant, *Denial) {
 	now := s.now()
 	g, d := s.decide(r, now)
-	var resp *authv3.CheckResponse
-	if d == nil {
-		resp = s.allow(g)
-	} else {
-		resp = d.response(g)
+	if d != nil {
 		if ce := s.log.Check(zap.DebugLevel, "denied"); ce != nil {
 			ce.Write(zap.Int("status", d.Status), zap.String("reason", d.Reason),
 				zap.String("method", r.method), zap.String("path", r.path),
@@ -118,7 +117,7 @@ func (s *Server) check(r *request) (*authv3.CheckResponse, *Denial) {
 		}
 	}
 	s.m.observe(d, time.Since(now))
-	return resp, d
+	return g, d
 }
 
 func (g grant) keyID() string {

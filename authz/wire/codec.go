@@ -31,7 +31,12 @@ type vtMarshaler interface {
 }
 
 // Marshal encodes v.
-func (Codec) Marshal(v any) (mem.BufferSlice, error) {
+func (c Codec) Marshal(v any) (mem.BufferSlice, error) {
+	if p, ok := v.(Pooled); ok {
+		out, err := c.Marshal(p.Encoded())
+		p.Release() // every byte is in out now
+		return out, err
+	}
 	if f, ok := v.(*Frozen); ok {
 		return mem.BufferSlice{mem.SliceBuffer(f.b)}, nil // read-only; Free is a no-op
 	}
@@ -83,6 +88,13 @@ func messageOf(v any) proto.Message {
 		return protoadapt.MessageV2Of(v)
 	}
 	return nil
+}
+
+// Pooled is a response that its handler recycles: the codec encodes
+// Encoded(), then calls Release, after which it must not be touched.
+type Pooled interface {
+	Encoded() any
+	Release()
 }
 
 // Frozen is a message encoded once and sent as those bytes every time: for
