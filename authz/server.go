@@ -2,6 +2,7 @@ package authz
 
 import (
 	"context"
+	"strings"
 	"errors"
 	"sync/atomic"
 	"time"
@@ -112,12 +113,20 @@ func (s *Server) check(r *request) (grant, *Denial) {
 	if d != nil {
 		if ce := s.log.Check(zap.DebugLevel, "denied"); ce != nil {
 			ce.Write(zap.Int("status", d.Status), zap.String("reason", d.Reason),
-				zap.String("method", r.method), zap.String("path", r.path),
+				zap.String("method", r.method), zap.String("path", withoutQuery(r.path)),
 				zap.String("request_id", r.id), zap.String("key_id", g.keyID()))
 		}
 	}
 	s.m.observe(d, time.Since(now))
 	return g, d
+}
+
+// withoutQuery drops the query string: some clients put credentials there.
+func withoutQuery(path string) string {
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		return path[:i]
+	}
+	return path
 }
 
 func (g grant) keyID() string {
