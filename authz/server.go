@@ -2,8 +2,8 @@ package authz
 
 import (
 	"context"
-	"strings"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"time"
 
