@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"time"
@@ -76,6 +77,13 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 		return adminv1.NewAdminClient(cc), ctx, func() { cancel(); cc.Close() }, nil
 	}
 
+	if c.Name() == "get" || c.Name() == "list" {
+		// A read must not leave an empty store behind a mistyped path.
+		if _, err := os.Stat(a.db); errors.Is(err, fs.ErrNotExist) {
+			cancel()
+			return nil, nil, nil, fmt.Errorf("--db %s: no such store file", a.db)
+		}
+	}
 	cfg, err := config.Load(a.config)
 	if err != nil {
 		cancel()
