@@ -186,7 +186,7 @@ func BenchmarkServedCheck(b *testing.B) {
 				if d != nil {
 					b.Fatal(d.Message)
 				}
-				out, err := codec.Marshal(pooledAllow(g.key.ID, g.key.Account, !g.rate.IsZero(), g.lim))
+				out, err := codec.Marshal(pooledAllow(g))
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -190,9 +190,9 @@ type allowParts struct {
 // the identity headers overwrite anything the client sent. Envoy applies
 // headers_to_remove after the headers it sets, so only authorization is
 // removed here.
-func allowResponse(keyID, account string, limited bool, d ratelimit.Decision) *authv3.CheckResponse {
+func allowResponse(g grant) *authv3.CheckResponse {
 	p := new(allowParts)
-	p.fill(keyID, account, limited, d)
+	p.fill(g)
 	return &p.resp
 }
 
@@ -202,9 +202,9 @@ func allowResponse(keyID, account string, limited bool, d ratelimit.Decision) *a
 // and no binary logger, which would.
 var allowPool = sync.Pool{New: func() any { return new(allowParts) }}
 
-func pooledAllow(keyID, account string, limited bool, d ratelimit.Decision) *allowParts {
+func pooledAllow(g grant) *allowParts {
 	p := allowPool.Get().(*allowParts)
-	p.fill(keyID, account, limited, d)
+	p.fill(g)
 	return p
 }
 
@@ -219,9 +219,9 @@ func (p *allowParts) Release() {
 
 var _ wire.Pooled = (*allowParts)(nil)
 
-func (p *allowParts) fill(keyID, account string, limited bool, d ratelimit.Decision) {
-	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: keyID}
-	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: account}
+func (p *allowParts) fill(g grant) {
+	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: g.key.ID}
+	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: g.key.Account}
 	for i := range p.idOpts {
 		p.idOpts[i].Header = &p.idVals[i]
 		p.idOpts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
@@ -229,8 +229,8 @@ func (p *allowParts) fill(keyID, account string, limited bool, d ratelimit.Decis
 	}
 	p.okResp.Headers = p.idPtrs[:]
 	p.okResp.HeadersToRemove = removeAuthorization
-	if limited {
-		p.okResp.ResponseHeadersToAdd = rateHeaders(&p.rateOpts, &p.rateVals, &p.ratePtrs, d)
+	if !g.rate.IsZero() { // an unlimited key has no bucket to describe
+		p.okResp.ResponseHeadersToAdd = rateHeaders(&p.rateOpts, &p.rateVals, &p.ratePtrs, g.lim)
 	}
 	p.ok.OkResponse = &p.okResp
 	// Status stays unset: Envoy reads a missing status as OK, and

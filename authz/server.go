@@ -102,7 +102,7 @@ func (s *Server) Check(_ context.Context, req *authv3.CheckRequest) (*authv3.Che
 	if d != nil {
 		return d.response(g), nil
 	}
-	return s.allow(g), nil
+	return allowResponse(g), nil
 }
 
 // check decides r, counts and logs the outcome, and returns the grant and
@@ -134,9 +134,4 @@ func (g grant) keyID() string {
 		return ""
 	}
 	return g.key.ID
-}
-
-// allow builds the response for a granted request.
-func (s *Server) allow(g grant) *authv3.CheckResponse {
-	return allowResponse(g.key.ID, g.key.Account, !g.rate.IsZero(), g.lim)
 }
