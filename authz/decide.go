@@ -99,7 +99,7 @@ func (s *Server) rateFor(k *keystore.Key) ratelimit.Rate {
 	if !k.RateLimit.IsZero() {
 		return k.RateLimit
 	}
-	r, _ := s.tierRate(k.Tier)
+	r, _ := s.tierRate(k.Tier())
 	return r
 }
 

@@ -18,8 +18,12 @@ import (
 // CreateAccount creates an account with an opening balance. It is durable
 // when CreateAccount returns. An empty tier leaves the choice to the caller's
 // default tier.
-func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Time) (Account, error) {
+func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Time, opts ...AccountOption) (Account, error) {
 	if err := validateNewAccount(id, tier, balance); err != nil {
+		return Account{}, err
+	}
+	o, err := accountOpts(opts)
+	if err != nil {
 		return Account{}, err
 	}
 	created, err := nanos("now", now)
@@ -35,7 +39,7 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 	if s.accounts[id] != nil {
 		return Account{}, fmt.Errorf("%w: %s", ErrAccountExists, id)
 	}
-	rec := accountRecord{Tier: tier, CreatedAt: created}
+	rec := accountRecord{Tier: tier, CreatedAt: created, AlertBelow: o.alertBelow}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketAccounts).Get([]byte(id)) != nil {
 			return fmt.Errorf("%w: %s (on disk)", ErrAccountExists, id)
@@ -48,7 +52,7 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 	if err != nil {
 		return Account{}, fmt.Errorf("create account %s: %w", id, err)
 	}
-	a := &account{id: id, tier: s.internLocked(tier), createdAt: created, balance: balance}
+	a := &account{id: id, tier: s.internLocked(tier), createdAt: created, balance: balance, alertBelow: o.alertBelow}
 	s.mu.Lock()
 	s.accounts[id] = a
 	s.mu.Unlock()
@@ -85,6 +89,18 @@ func (s *Store) Accounts() []Account {
 	return out
 }
 
+// accountOpts applies and checks opts.
+func accountOpts(opts []AccountOption) (accountOptions, error) {
+	var o accountOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	if o.alertBelow < 0 || o.alertBelow > money.Max {
+		return o, fmt.Errorf("%w: alert level %s out of range (0 removes the alert)", ErrInvalid, o.alertBelow)
+	}
+	return o, nil
+}
+
 // Credit adds amount to an account's balance, durably when it returns.
 // Debits running meanwhile are not lost: the new balance is computed under
 // the account's mutex, and the disk write happens outside it (a debit made
@@ -95,10 +111,16 @@ func (s *Store) Accounts() []Account {
 // transaction writes the unflushed spend of its keys, copied under the same
 // lock: the file must never hold a balance charged for debits that the
 // keys' spend does not count, or after a crash the keys could spend past
-// their caps. Those keys stay marked, and the next flush writes them again.
-func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
+// their caps. For the same reason it writes the account's reservations
+// opened and settled, and its alerts. They all stay marked, and the next
+// flush writes them again (the same values, or later ones).
+func (s *Store) Credit(id string, amount money.Micros, opts ...AccountOption) (Account, error) {
 	if amount <= 0 || amount > money.Max {
 		return Account{}, fmt.Errorf("%w: credit of %s (it must be positive)", ErrInvalid, amount)
+	}
+	o, err := accountOpts(opts)
+	if err != nil {
+		return Account{}, err
 	}
 	s.lock()
 	defer s.wmu.Unlock()
@@ -109,35 +131,52 @@ func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
 	if a == nil {
 		return Account{}, fmt.Errorf("%w: %s", ErrAccountNotFound, id)
 	}
-	var spends []flushEntry
+	var (
+		spends []flushEntry
+		res    []resChange
+		alerts []Alert
+	)
 	a.mu.Lock()
 	before := a.balance
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; e = e.nextDirty {
-		spends = append(spends, flushEntry{id: e.cur.ID, val: e.spent}) // s.wmu keeps cur stable
+		spends = append(spends, flushEntry{id: e.cur.ID, val: e.spent, period: e.period}) // s.wmu keeps cur stable
 	}
+	for r := a.dirtyRes; r != nil && r != s.endOfRes; r = r.nextDirty {
+		res = append(res, resChange{r: r, open: r.open})
+	}
+	alerts = slices.Clone(a.alerts)
 	a.mu.Unlock()
 	// Debits only lower the balance and credits are serialised by s.wmu,
 	// so checking the snapshot is enough to rule out overflow.
 	if before > money.Max-amount {
 		return Account{}, fmt.Errorf("%w: crediting %s to %s would take its balance past %s", ErrInvalid, amount, id, money.Max)
 	}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err = s.db.Update(func(tx *bolt.Tx) error {
 		if err := tx.Bucket(bucketBalances).Put([]byte(id), microsValue(before+amount)); err != nil {
 			return err
 		}
+		if o.setAlertBelow {
+			rec := accountRecord{Tier: a.tier, CreatedAt: a.createdAt, AlertBelow: o.alertBelow}
+			if err := tx.Bucket(bucketAccounts).Put([]byte(id), rec.appendTo(nil)); err != nil {
+				return err
+			}
+		}
 		sp := tx.Bucket(bucketSpend)
 		for _, f := range spends {
-			if err := sp.Put([]byte(f.id), microsValue(f.val)); err != nil {
+			if err := sp.Put([]byte(f.id), putSpend(make([]byte, 12), f.val, f.period)); err != nil {
 				return fmt.Errorf("spend of %s: %w", f.id, err)
 			}
 		}
-		return nil
+		return s.writeChangesLocked(tx, res, alerts)
 	})
 	if err != nil {
 		return Account{}, fmt.Errorf("credit %s: %w", id, err)
 	}
 	a.mu.Lock()
 	a.balance += amount
+	if o.setAlertBelow {
+		a.alertBelow = o.alertBelow
+	}
 	a.mu.Unlock()
 	s.log.Info("account credited", zap.String("account", id), zap.Int64("amount_micros", int64(amount)))
 	return a.info(), nil
@@ -145,9 +184,9 @@ func (s *Store) Credit(id string, amount money.Micros) (Account, error) {
 
 func (a *account) info() Account {
 	a.mu.Lock()
-	bal, res := a.balance, a.reserved
+	bal, res, below := a.balance, a.reserved, a.alertBelow
 	a.mu.Unlock()
-	return Account{ID: a.id, Tier: a.tier, Balance: bal, Reserved: res, CreatedAt: fromNanos(a.createdAt)}
+	return Account{ID: a.id, Tier: a.tier, Balance: bal, Reserved: res, AlertBelow: below, CreatedAt: fromNanos(a.createdAt)}
 }
 
 // validateNewAccount checks what CreateAccount (or Import) is given.

@@ -16,14 +16,18 @@ import (
 // record starts with a version byte so that a later keygate can change the
 // layout and still read old records.
 //
-//	account: v1 | tier | created_at
-//	key:     v1 | sha256[32] | account | name | n_scopes {scope} | rate_n | rate_per_ns
-//	            | spend_cap | created_at | expires_at | revoked_at | rotated_to
+//	account:     v1 | tier | created_at [| alert_below]
+//	key:         v1 | sha256[32] | account | name | n_scopes {scope} | rate_n | rate_per_ns
+//	                | spend_cap | created_at | expires_at | revoked_at | rotated_to [| cap_period]
+//	reservation: v1 | key_id | price | max_price | deadline
 //
 // Strings are a uvarint length then the bytes; numbers are varints (times in
-// Unix nanoseconds, 0 for "unset"). Balances and spend live in their own
-// buckets as 8-byte big-endian values, so that the write-behind flush rewrites
-// 8 bytes per account or key and never a whole record.
+// Unix nanoseconds, 0 for "unset"). Fields in brackets came with schema 2:
+// they are written only when not zero, so a record that does not use them
+// reads the same in both schemas. Balances and spend live in their own
+// buckets as 8-byte big-endian values (a spend with a cap period adds the
+// period's 4-byte number), so that the write-behind flush rewrites a few
+// bytes per account or key and never a whole record.
 const recordV1 = 1
 
 // Limits that keep a record small; the admin layer validates earlier with
@@ -40,20 +44,26 @@ var errRecord = errors.New("malformed record")
 
 // accountRecord is an account's durable description, without its balance.
 type accountRecord struct {
-	Tier      string
-	CreatedAt int64
+	Tier       string
+	CreatedAt  int64
+	AlertBelow money.Micros
 }
 
 func (r *accountRecord) appendTo(dst []byte) []byte {
 	dst = append(dst, recordV1)
 	dst = appendString(dst, r.Tier)
-	return binary.AppendVarint(dst, r.CreatedAt)
+	dst = binary.AppendVarint(dst, r.CreatedAt)
+	if r.AlertBelow != 0 {
+		dst = binary.AppendVarint(dst, int64(r.AlertBelow))
+	}
+	return dst
 }
 
 // accountView is a decoded account record whose byte fields alias the input.
 type accountView struct {
-	tier      []byte
-	createdAt int64
+	tier       []byte
+	createdAt  int64
+	alertBelow money.Micros
 }
 
 func decodeAccount(b []byte) (accountView, error) {
@@ -62,6 +72,12 @@ func decodeAccount(b []byte) (accountView, error) {
 	d.version()
 	v.tier = d.bytes(maxIDLen)
 	v.createdAt = d.varint()
+	if d.more() {
+		v.alertBelow = money.Micros(d.varint())
+		if d.err == nil && (v.alertBelow <= 0 || v.alertBelow > money.Max) {
+			d.fail("alert level %d out of range", v.alertBelow)
+		}
+	}
 	return v, d.finish()
 }
 
@@ -77,6 +93,7 @@ type keyRecord struct {
 	ExpiresAt int64
 	RevokedAt int64
 	RotatedTo string
+	CapPeriod Period
 }
 
 func (r *keyRecord) appendTo(dst []byte) []byte {
@@ -91,7 +108,11 @@ func (r *keyRecord) appendTo(dst []byte) []byte {
 	dst = binary.AppendVarint(dst, r.CreatedAt)
 	dst = binary.AppendVarint(dst, r.ExpiresAt)
 	dst = binary.AppendVarint(dst, r.RevokedAt)
-	return appendString(dst, r.RotatedTo)
+	dst = appendString(dst, r.RotatedTo)
+	if r.CapPeriod != PeriodNone {
+		dst = binary.AppendUvarint(dst, uint64(r.CapPeriod))
+	}
+	return dst
 }
 
 // keyView is a decoded key record whose byte fields alias the input: valid
@@ -108,6 +129,7 @@ type keyView struct {
 	expiresAt int64
 	revokedAt int64
 	rotatedTo []byte
+	capPeriod Period
 }
 
 func decodeKey(b []byte) (keyView, error) {
@@ -135,6 +157,14 @@ func decodeKey(b []byte) (keyView, error) {
 	v.expiresAt = d.varint()
 	v.revokedAt = d.varint()
 	v.rotatedTo = d.bytes(maxIDLen)
+	if d.more() {
+		switch p := d.uvarint(); p {
+		case uint64(PeriodDay), uint64(PeriodMonth):
+			v.capPeriod = Period(p)
+		default:
+			d.fail("cap period %d", p)
+		}
+	}
 	if d.err == nil {
 		switch {
 		case v.rate.N < 0 || v.rate.Per < 0:
@@ -165,6 +195,75 @@ func putMicros(b []byte, m money.Micros) []byte {
 
 // microsValue returns a fresh 8-byte encoding of m.
 func microsValue(m money.Micros) []byte { return putMicros(make([]byte, 8), m) }
+
+// getBalance reads a balance, which may be below zero: a settled charge
+// above its reservation can take it there (see Settle).
+func getBalance(b []byte) (money.Micros, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("%w: amount of %d bytes, want 8", errRecord, len(b))
+	}
+	m := money.Micros(binary.BigEndian.Uint64(b))
+	if m < -money.Max || m > money.Max {
+		return 0, fmt.Errorf("%w: balance %d out of range", errRecord, int64(m))
+	}
+	return m, nil
+}
+
+// putSpend encodes a key's spend, with the number of its cap period when
+// it has one, into b (12 bytes) and returns the used part.
+func putSpend(b []byte, m money.Micros, period int32) []byte {
+	binary.BigEndian.PutUint64(b, uint64(m))
+	if period == 0 {
+		return b[:8]
+	}
+	binary.BigEndian.PutUint32(b[8:], uint32(period))
+	return b[:12]
+}
+
+// getSpend reads what putSpend wrote.
+func getSpend(b []byte) (money.Micros, int32, error) {
+	var period int32
+	if len(b) == 12 {
+		period = int32(binary.BigEndian.Uint32(b[8:]))
+		if period <= 0 {
+			return 0, 0, fmt.Errorf("%w: cap period %d", errRecord, period)
+		}
+		b = b[:8]
+	}
+	m, err := getMicros(b)
+	return m, period, err
+}
+
+// reservationRecord is an open reservation, written by the flush so that
+// it survives a restart with its deadline.
+type reservationRecord struct {
+	KeyID    string
+	Price    money.Micros
+	MaxPrice money.Micros
+	Deadline int64
+}
+
+func (r *reservationRecord) appendTo(dst []byte) []byte {
+	dst = append(dst, recordV1)
+	dst = appendString(dst, r.KeyID)
+	dst = binary.AppendVarint(dst, int64(r.Price))
+	dst = binary.AppendVarint(dst, int64(r.MaxPrice))
+	return binary.AppendVarint(dst, r.Deadline)
+}
+
+func decodeReservation(b []byte) (reservationRecord, error) {
+	d := decoder{b: b}
+	var r reservationRecord
+	d.version()
+	r.KeyID = string(d.bytes(maxIDLen))
+	r.Price = money.Micros(d.varint())
+	r.MaxPrice = money.Micros(d.varint())
+	r.Deadline = d.varint()
+	if d.err == nil && (r.Price <= 0 || r.MaxPrice < r.Price || r.MaxPrice > money.Max) {
+		d.fail("reservation of %d (at most %d) out of range", r.Price, r.MaxPrice)
+	}
+	return r, d.finish()
+}
 
 func getMicros(b []byte) (money.Micros, error) {
 	if len(b) != 8 {
@@ -264,6 +363,9 @@ func (d *decoder) bytes(max int) []byte {
 	}
 	return d.take(int(n))
 }
+
+// more reports whether an optional trailing field follows.
+func (d *decoder) more() bool { return d.err == nil && d.off < len(d.b) }
 
 func (d *decoder) finish() error {
 	if d.err == nil && d.off != len(d.b) {

@@ -137,6 +137,7 @@ func (s *Store) newKeyRecordsLocked(nks []NewKey, expires []int64, created int64
 		recs[i] = keyRecord{
 			Hash: hash, Account: nk.Account, Name: nk.Name, Scopes: nk.Scopes,
 			RateLimit: nk.RateLimit, SpendCap: nk.SpendCap, CreatedAt: created, ExpiresAt: expires[i],
+			CapPeriod: nk.CapPeriod,
 		}
 	}
 	return out, recs, nil
@@ -207,9 +208,9 @@ func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey
 		rec := &recs[i]
 		a := s.accounts[rec.Account]
 		e, k := &es[i], &ks[i]
-		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, cur: k}
+		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, cur: k}
 		*k = Key{
-			ID: keys[i].ID, Account: a.id, Tier: a.tier, Scopes: s.scopeSetLocked(rec.Scopes),
+			ID: keys[i].ID, Account: a.id, Scopes: s.scopeSetLocked(rec.Scopes),
 			RateLimit: rec.RateLimit, SpendCap: rec.SpendCap, expiresAt: rec.ExpiresAt, acct: a, entry: e,
 		}
 		a.keys = append(a.keys, e)

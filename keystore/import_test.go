@@ -65,8 +65,8 @@ func TestImport(t *testing.T) {
 		if !ok || k.ID != ik.ID {
 			t.Fatalf("key %d: Lookup of its secret = %v, %v", i+1, k, ok)
 		}
-		if nk.Account == "zeta" && k.Tier != "pro" {
-			t.Errorf("key %d: tier %q, want the account's", i+1, k.Tier)
+		if nk.Account == "zeta" && k.Tier() != "pro" {
+			t.Errorf("key %d: tier %q, want the account's", i+1, k.Tier())
 		}
 	}
 	if _, ok := s.Lookup(got[0].Secret, t0.Add(2*time.Hour)); ok {

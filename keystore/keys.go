@@ -21,7 +21,6 @@ import (
 type Key struct {
 	ID      string
 	Account string
-	Tier    string
 	// Scopes is shared by every key with the same scopes: read it, never
 	// modify it.
 	Scopes    []string
@@ -33,6 +32,10 @@ type Key struct {
 	acct      *account
 	entry     *keyEntry
 }
+
+// Tier returns the key's account tier. (It is the account's, not a copy:
+// a Key is 128 bytes, and a million of them count.)
+func (k *Key) Tier() string { return k.acct.tier }
 
 // HasScope reports whether the key carries scope.
 func (k *Key) HasScope(scope string) bool {
@@ -99,6 +102,7 @@ func (s *Store) CreateKey(nk NewKey, now time.Time) (KeyInfo, string, error) {
 	rec := keyRecord{
 		Hash: hash, Account: a.id, Name: nk.Name, Scopes: nk.Scopes,
 		RateLimit: nk.RateLimit, SpendCap: nk.SpendCap, CreatedAt: created, ExpiresAt: expires,
+		CapPeriod: nk.CapPeriod,
 	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		return putKey(tx, id, &rec)
@@ -249,6 +253,7 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old KeyIn
 		rec = keyRecord{
 			Hash: hash, Account: oldRec.Account, Name: oldRec.Name, Scopes: oldRec.Scopes,
 			RateLimit: oldRec.RateLimit, SpendCap: oldRec.SpendCap, CreatedAt: at, ExpiresAt: expires,
+			CapPeriod: oldRec.CapPeriod,
 		}
 		oldRec.RevokedAt, oldRec.RotatedTo = revokeAt, newID
 		if err := putKey(tx, id, &oldRec); err != nil {
@@ -269,9 +274,9 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old KeyIn
 // publishNewKeyLocked makes a committed new key visible to reads and to
 // Lookup. The caller holds s.wmu.
 func (s *Store) publishNewKeyLocked(id string, a *account, rec *keyRecord) *keyEntry {
-	e := &keyEntry{name: rec.Name, createdAt: rec.CreatedAt}
+	e := &keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod}
 	k := &Key{
-		ID: id, Account: a.id, Tier: a.tier, Scopes: s.scopeSetLocked(rec.Scopes),
+		ID: id, Account: a.id, Scopes: s.scopeSetLocked(rec.Scopes),
 		RateLimit: rec.RateLimit, SpendCap: rec.SpendCap,
 		expiresAt: rec.ExpiresAt, acct: a, entry: e,
 	}
@@ -298,18 +303,25 @@ func (s *Store) republishLocked(e *keyEntry, hash [hashSize]byte, revokedAt int6
 // keyInfoLocked describes e. The caller holds s.mu or s.wmu.
 func (s *Store) keyInfoLocked(e *keyEntry) KeyInfo {
 	k := e.cur
+	now := s.now()
 	k.acct.mu.Lock()
-	spent := e.spent
+	spent, reserved := e.spent, e.reserved
+	if e.capPeriod != PeriodNone && e.capPeriod.index(now) > e.period {
+		spent = 0 // a new period began; the next charge starts it
+	}
 	k.acct.mu.Unlock()
 	return KeyInfo{
-		ID:        k.ID,
-		Account:   k.Account,
-		Name:      e.name,
-		Scopes:    slices.Clone(k.Scopes),
-		RateLimit: k.RateLimit,
-		SpendCap:  k.SpendCap,
-		Spent:     spent,
-		CreatedAt: fromNanos(e.createdAt),
+		ID:             k.ID,
+		Account:        k.Account,
+		Name:           e.name,
+		Scopes:         slices.Clone(k.Scopes),
+		RateLimit:      k.RateLimit,
+		SpendCap:       k.SpendCap,
+		Spent:          spent,
+		Reserved:       reserved,
+		CapPeriod:      e.capPeriod,
+		PeriodResetsAt: e.capPeriod.resetsAt(now),
+		CreatedAt:      fromNanos(e.createdAt),
 		ExpiresAt: fromNanos(k.expiresAt),
 		RevokedAt: fromNanos(k.revokedAt),
 		RotatedTo: e.rotatedTo,
@@ -399,6 +411,12 @@ func validateKey(nk *NewKey) error {
 	if nk.SpendCap < 0 || nk.SpendCap > money.Max {
 		return fmt.Errorf("%w: spend cap %s out of range", ErrInvalid, nk.SpendCap)
 	}
+	if nk.CapPeriod > PeriodMonth {
+		return fmt.Errorf("%w: cap period %d", ErrInvalid, nk.CapPeriod)
+	}
+	if nk.CapPeriod != PeriodNone && nk.SpendCap == 0 {
+		return fmt.Errorf("%w: a cap period of %s needs a spend cap", ErrInvalid, nk.CapPeriod)
+	}
 	return nil
 }
 
@@ -418,7 +436,7 @@ func getKey(tx *bolt.Tx, id string) (keyRecord, error) {
 	}
 	return keyRecord{
 		Hash: v.hash, Account: string(v.account), Name: string(v.name), Scopes: v.scopeList(),
-		RateLimit: v.rate, SpendCap: v.spendCap,
+		RateLimit: v.rate, SpendCap: v.spendCap, CapPeriod: v.capPeriod,
 		CreatedAt: v.createdAt, ExpiresAt: v.expiresAt, RevokedAt: v.revokedAt, RotatedTo: string(v.rotatedTo),
 	}, nil
 }

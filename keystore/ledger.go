@@ -3,6 +3,7 @@ package keystore
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -21,16 +22,20 @@ import (
 // to it, whichever index snapshot the Key came from, so a debit made through
 // a Key fetched before an admin write still lands on the one balance.
 type account struct {
-	mu sync.Mutex // guards the fields up to dirtyKeys; never held during disk I/O
+	mu sync.Mutex // guards the fields up to alerts; never held during disk I/O
 
-	balance  money.Micros
-	reserved money.Micros // for settlement after the response; 0 until then
-	// dirty is set when balance or a key's spend changed since the last
-	// flush; the account is then on the store's dirty stack, linked through
-	// nextDirty, and its changed keys are linked from dirtyKeys.
+	balance    money.Micros // committed: may go below 0 by what Settle allows
+	reserved   money.Micros // held by open reservations; Checks spend balance-reserved
+	alertBelow money.Micros // 0: no low-balance alert
+	// dirty is set when balance, a key's spend, a reservation or the alerts
+	// changed since the last flush; the account is then on the store's dirty
+	// stack, linked through nextDirty, and its changed keys and reservations
+	// are linked from dirtyKeys and dirtyRes.
 	dirty     bool
 	nextDirty *account
 	dirtyKeys *keyEntry
+	dirtyRes  *reservation
+	alerts    []Alert // crossed since the last flush
 
 	// Immutable after creation.
 	id        string
@@ -42,13 +47,16 @@ type account struct {
 
 // keyEntry is the long-lived state of one key: its spend and what only
 // operators read. Published Keys are immutable and replaced on revocation;
-// they all point to the same entry. It is 64 bytes: a million keys count.
+// they all point to the same entry. It is 80 bytes: a million keys count.
 type keyEntry struct {
 	// Guarded by the account's mu. nextDirty is nil while the spend is
 	// flushed, else the next changed key of the account (Store.endOfList
 	// ends the list, so that nil can mean "clean").
-	spent     money.Micros
+	spent     money.Micros // in period, when the key has a cap period
+	reserved  money.Micros
 	nextDirty *keyEntry
+	period    int32 // the cap period that spent belongs to
+	capPeriod Period
 
 	// Guarded by Store.mu; written with Store.wmu held too.
 	cur       *Key
@@ -64,8 +72,9 @@ var errNegativePrice = fmt.Errorf("%w: negative or too large price", ErrInvalid)
 
 // Debit takes price from the key's account balance and adds it to the key's
 // spend, or changes nothing and returns ErrInsufficientBalance or
-// ErrSpendCap. A price of 0 always passes. It works in memory under the
-// account's mutex only: Run and Flush write the result to disk in batches.
+// ErrSpendCap. A price of 0 always passes. Open reservations count against
+// both. It works in memory under the account's mutex only: Run and Flush
+// write the result to disk in batches.
 func (s *Store) Debit(k *Key, price money.Micros) error {
 	if price == 0 {
 		return nil
@@ -73,21 +82,58 @@ func (s *Store) Debit(k *Key, price money.Micros) error {
 	if price < 0 || price > money.Max {
 		return errNegativePrice
 	}
-	a, e := k.acct, k.entry
+	a := k.acct
 	a.mu.Lock()
-	switch {
-	case a.balance < price:
+	if err := s.canSpendLocked(k, price); err != nil {
 		a.mu.Unlock()
-		return ErrInsufficientBalance
-	case k.SpendCap > 0 && e.spent+price > k.SpendCap: // both <= money.Max: no overflow
-		a.mu.Unlock()
-		return ErrSpendCap
+		return err
 	}
-	a.balance -= price
-	e.spent += price
-	s.markDirtyLocked(a, e)
+	s.chargeLocked(k, price)
 	a.mu.Unlock()
 	return nil
+}
+
+// canSpendLocked reports whether the key may take price more: from what
+// its account has left after open reservations, and within its cap after
+// its own. It starts the key's new cap period when one has begun. The
+// caller holds the account's mutex.
+func (s *Store) canSpendLocked(k *Key, price money.Micros) error {
+	a, e := k.acct, k.entry
+	s.rollLocked(e)
+	switch {
+	case a.balance-a.reserved < price: // each within ±money.Max: no overflow
+		return ErrInsufficientBalance
+	case k.SpendCap > 0 && e.spent+e.reserved+price > k.SpendCap:
+		return ErrSpendCap
+	}
+	return nil
+}
+
+// rollLocked starts e's cap period over when the clock has moved into a
+// later one. The caller holds the account's mutex.
+func (s *Store) rollLocked(e *keyEntry) {
+	if e.capPeriod == PeriodNone {
+		return
+	}
+	if p := e.capPeriod.index(s.now()); p > e.period {
+		e.spent, e.period = 0, p
+	}
+}
+
+// chargeLocked takes amount from k's account and adds it to k's spend,
+// marks both for the flush, and records the alert thresholds the charge
+// crossed. The caller holds the account's mutex and has checked what
+// needed checking.
+func (s *Store) chargeLocked(k *Key, amount money.Micros) {
+	a, e := k.acct, k.entry
+	s.rollLocked(e)
+	bal, spent := a.balance, e.spent
+	a.balance -= amount
+	e.spent += amount
+	if (k.SpendCap > 0 && len(s.thresholds) > 0) || a.alertBelow > 0 {
+		s.crossedLocked(k, bal, spent)
+	}
+	s.markDirtyLocked(a, e)
 }
 
 // markDirtyLocked records that a's balance and e's spend (e may be nil)
@@ -132,6 +178,10 @@ func (s *Store) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+			if n := s.ExpireReservations(s.now()); n > 0 {
+				s.log.Warn("reservations expired without an access-log entry; committed at their reserved price",
+					zap.Int("count", n))
+			}
 			err := s.flush(&pacer{
 				deadline: time.Now().Add(s.flushEvery / 2),
 				hurry:    func() bool { return s.waiting.Load() > 0 || ctx.Err() != nil },
@@ -182,6 +232,17 @@ type flushBatch struct {
 	tmp      []flushEntry // the radix sort's other buffer
 	values   []byte       // what bbolt holds on to until the commit
 	key      []byte
+
+	// Reservations opened or settled, and alerts raised, since the last
+	// flush: rare next to debits, so kept simple.
+	res    []resChange
+	alerts []Alert
+}
+
+// resChange is a reservation's state as the snapshot saw it.
+type resChange struct {
+	r    *reservation
+	open bool
 }
 
 // flushEntry is one value to write. pre holds the first 16 bytes of the ID,
@@ -190,9 +251,10 @@ type flushBatch struct {
 // accounts and keys (three dependent loads a side) cost more than the
 // writes.
 type flushEntry struct {
-	pre [2]uint64
-	id  string
-	val money.Micros
+	pre    [2]uint64
+	id     string
+	val    money.Micros
+	period int32 // of a spend: its cap period's number, or 0
 }
 
 func (f *flushEntry) setPrefix() {
@@ -224,11 +286,13 @@ func (s *Store) flushLocked(p *pacer) error {
 	start := time.Now()
 	p.begin(start, float64(s.dirtyCount.Swap(0))*(costSnapshot+2*(costSort+costPut+costCommit)))
 	b := &s.batch
-	b.accounts, b.keys = b.accounts[:0], b.keys[:0]
+	b.accounts, b.keys, b.res, b.alerts = b.accounts[:0], b.keys[:0], b.res[:0], b.alerts[:0]
 	defer func() {
 		clear(b.accounts) // the IDs stay alive anyway; drop them for tidiness
 		clear(b.keys)
 		clear(b.tmp)
+		clear(b.res) // settled reservations must not stay reachable
+		clear(b.alerts)
 	}()
 	var n0, k0 int
 	for a := s.dirty.Swap(nil); a != nil; {
@@ -247,7 +311,7 @@ func (s *Store) flushLocked(p *pacer) error {
 	}
 	n := len(b.accounts) + len(b.keys)
 	if n == 0 {
-		return nil
+		return nil // no account was dirty: nor were its reservations and alerts
 	}
 	p.left(float64(n) * (costSort + costPut + costCommit))
 	// Sorted keys make bbolt's puts sequential: each page is changed by a
@@ -260,6 +324,9 @@ func (s *Store) flushLocked(p *pacer) error {
 		err = fmt.Errorf("flush %d balances and %d spends: %w", len(b.accounts), len(b.keys), err)
 	}
 	s.metrics.observe(err, start, n)
+	if err == nil && len(b.alerts) > 0 && s.onAlert != nil {
+		s.onAlert(slices.Clone(b.alerts))
+	}
 	return err
 }
 
@@ -274,10 +341,20 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; {
 		n := e.nextDirty
 		e.nextDirty = nil
-		b.keys = append(b.keys, flushEntry{id: e.cur.ID, val: e.spent})
+		b.keys = append(b.keys, flushEntry{id: e.cur.ID, val: e.spent, period: e.period})
 		e = n
 	}
 	a.dirtyKeys = nil
+	for r := a.dirtyRes; r != nil && r != s.endOfRes; {
+		n := r.nextDirty
+		r.nextDirty = nil
+		b.res = append(b.res, resChange{r: r, open: r.open})
+		r = n
+	}
+	a.dirtyRes = nil
+	b.alerts = append(b.alerts, a.alerts...)
+	clear(a.alerts)
+	a.alerts = a.alerts[:0]
 	a.mu.Unlock()
 	return next
 }
@@ -286,7 +363,7 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 func (s *Store) writeLocked(b *flushBatch, p *pacer) (err error) {
 	// bbolt keeps a reference to each value until the commit: one buffer
 	// holds them all. It copies keys: one buffer serves every put.
-	n := len(b.accounts) + len(b.keys)
+	n := len(b.accounts) + 2*len(b.keys) // 12 bytes for a spend with a period
 	b.values = slices.Grow(b.values[:0], 8*n)[:8*n]
 	tx, err := s.db.Begin(true)
 	if err != nil {
@@ -309,16 +386,55 @@ func (s *Store) writeLocked(b *flushBatch, p *pacer) (err error) {
 		for i := range part.es {
 			f := &part.es[i]
 			b.key = append(b.key[:0], f.id...)
-			if err := part.bucket.Put(b.key, putMicros(vals[:8:8], f.val)); err != nil {
+			v := putSpend(vals[:12:12], f.val, f.period)
+			if err := part.bucket.Put(b.key, v); err != nil {
 				return fmt.Errorf("%s of %s: %w", part.what, f.id, err)
 			}
-			vals = vals[8:]
+			vals = vals[len(v):]
 			if i%16 == 15 {
 				p.tick(16 * costPut)
 			}
 		}
 	}
+	if err := s.writeChangesLocked(tx, b.res, b.alerts); err != nil {
+		return err
+	}
 	return tx.Commit()
+}
+
+// writeChangesLocked writes reservations opened and settled, and alerts
+// raised, in the transaction that writes the charges they go with: a
+// crash keeps a settled reservation and its charge together, so that a
+// request is never charged twice (once settled, once expired after a
+// restart), and an alert together with the spend that raised it.
+func (s *Store) writeChangesLocked(tx *bolt.Tx, res []resChange, alerts []Alert) error {
+	rb := tx.Bucket(bucketReserved)
+	for _, c := range res {
+		if !c.open {
+			if err := rb.Delete([]byte(c.r.id)); err != nil {
+				return fmt.Errorf("reservation %q: %w", c.r.id, err)
+			}
+			continue
+		}
+		rec := reservationRecord{KeyID: c.r.key.ID, Price: c.r.price, MaxPrice: c.r.maxPrice, Deadline: c.r.deadline}
+		if err := rb.Put([]byte(c.r.id), rec.appendTo(nil)); err != nil {
+			return fmt.Errorf("reservation %q: %w", c.r.id, err)
+		}
+	}
+	if !s.outbox {
+		return nil
+	}
+	ob := tx.Bucket(bucketOutbox)
+	for _, a := range alerts {
+		v, err := json.Marshal(a)
+		if err != nil {
+			return err
+		}
+		if err := ob.Put([]byte(a.ID), v); err != nil {
+			return fmt.Errorf("alert %s: %w", a.ID, err)
+		}
+	}
+	return nil
 }
 
 // sortEntries sorts es by ID, using tmp's array as scratch space, and
@@ -377,6 +493,20 @@ func sortEntries(es, tmp []flushEntry, p *pacer) (sorted, other []flushEntry) {
 // current values, not the snapshot, are written next time. The caller holds
 // s.wmu.
 func (s *Store) remarkLocked(b *flushBatch) {
+	for _, c := range b.res {
+		a := c.r.key.acct
+		a.mu.Lock()
+		s.markReservationLocked(a, c.r)
+		a.mu.Unlock()
+	}
+	for _, al := range b.alerts {
+		if a := s.accounts[al.Account]; a != nil {
+			a.mu.Lock()
+			a.alerts = append(a.alerts, al)
+			s.markDirtyLocked(a, nil)
+			a.mu.Unlock()
+		}
+	}
 	for _, f := range b.keys {
 		if e := s.keyByIDLocked(f.id); e != nil {
 			a := e.cur.acct
@@ -483,6 +613,8 @@ type ledgerMetrics struct {
 	ok, failed prometheus.Counter
 	duration   prometheus.Histogram
 	entries    prometheus.Counter
+	expired    prometheus.Counter
+	reg        prometheus.Registerer
 }
 
 // newLedgerMetrics builds the ledger's metrics and registers them with reg
@@ -511,12 +643,33 @@ func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	expired, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_reservations_expired_total",
+		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
+	}))
+	if err != nil {
+		return nil, err
+	}
 	return &ledgerMetrics{
 		ok:       flushes.WithLabelValues("ok"),
 		failed:   flushes.WithLabelValues("error"),
 		duration: duration,
 		entries:  entries,
+		expired:  expired,
+		reg:      reg,
 	}, nil
+}
+
+// openReservations exports s's count of open reservations. A second store
+// in one registry (tests) keeps the first one's gauge.
+func (m *ledgerMetrics) openReservations(s *Store) {
+	if m.reg == nil {
+		return
+	}
+	_ = m.reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "keygate_reservations_open",
+		Help: "Reservations held by allowed requests whose access-log entry has not settled them yet.",
+	}, func() float64 { return float64(s.openReservations.Load()) }))
 }
 
 func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {

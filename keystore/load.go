@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
+	"go.uber.org/zap"
 )
 
 // Open must load a million keys in well under two seconds and keep them in
@@ -30,6 +31,7 @@ func (s *Store) load() error {
 		return fmt.Errorf("%s: %w: %s", s.path, ErrNotKeygate, fmt.Sprintf(format, args...))
 	}
 	var ranges []keyRange
+	var version uint64
 	err := s.db.View(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		if meta == nil || !bytes.Equal(meta.Get(metaMagic), magicValue) {
@@ -39,10 +41,22 @@ func (s *Store) load() error {
 		if len(raw) != 8 || binary.BigEndian.Uint64(raw) == 0 {
 			return bad("bad schema version %x", raw)
 		}
-		if v := binary.BigEndian.Uint64(raw); v > schemaVersion {
+		version = binary.BigEndian.Uint64(raw)
+		if version > schemaVersion {
 			return fmt.Errorf("%s: %w: schema version %d, this keygate reads up to %d (upgrade keygate)",
-				s.path, ErrSchema, v, schemaVersion)
+				s.path, ErrSchema, version, schemaVersion)
 		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if version < schemaVersion {
+		if err := s.upgrade(version); err != nil {
+			return fmt.Errorf("%s: upgrade from schema %d: %w", s.path, version, err)
+		}
+	}
+	err = s.db.View(func(tx *bolt.Tx) error {
 		for _, name := range allBuckets {
 			if tx.Bucket(name) == nil {
 				return bad("bucket %q is missing", name)
@@ -60,7 +74,27 @@ func (s *Store) load() error {
 	if err := s.loadKeys(ranges); err != nil {
 		return bad("%v", err)
 	}
+	if err := s.db.View(s.loadReservations); err != nil {
+		return bad("%v", err)
+	}
 	return nil
+}
+
+// upgrade brings a store of an older schema to this one: schema 2 only
+// added buckets (its new record fields are optional).
+func (s *Store) upgrade(from uint64) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, name := range v2Buckets {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		var v [8]byte
+		binary.BigEndian.PutUint64(v[:], schemaVersion)
+		s.log.Info("store upgraded", zap.String("path", s.path), zap.Uint64("from_schema", from),
+			zap.Int("to_schema", schemaVersion))
+		return tx.Bucket(bucketMeta).Put(metaSchema, v[:])
+	})
 }
 
 func (s *Store) loadAccounts(tx *bolt.Tx) error {
@@ -85,12 +119,12 @@ func (s *Store) loadAccounts(tx *bolt.Tx) error {
 		if bk == nil || !bytes.Equal(bk, k) {
 			return fmt.Errorf("account %s has no balance (or balance of %q has no account)", k, bk)
 		}
-		b, err := getMicros(bv)
+		b, err := getBalance(bv)
 		if err != nil {
 			return fmt.Errorf("balance of %s: %w", k, err)
 		}
 		bk, bv = bal.Next()
-		slab = append(slab, account{createdAt: rec.createdAt, balance: b})
+		slab = append(slab, account{createdAt: rec.createdAt, balance: b, alertBelow: rec.alertBelow})
 		a := &slab[len(slab)-1]
 		strs.add(&a.id, k)
 		strs.add(&a.tier, rec.tier)
@@ -232,10 +266,10 @@ func (l *keyLoader) loadRange(tx *bolt.Tx, r keyRange, lo int) error {
 			scopes[string(rec.scopes)] = set
 		}
 		e := &l.entries[i]
-		e.createdAt = rec.createdAt
+		e.createdAt, e.capPeriod = rec.createdAt, rec.capPeriod
 		key := &l.keys[i]
 		*key = Key{
-			Account: a.id, Tier: a.tier, Scopes: set, RateLimit: rec.rate, SpendCap: rec.spendCap,
+			Account: a.id, Scopes: set, RateLimit: rec.rate, SpendCap: rec.spendCap,
 			expiresAt: rec.expiresAt, revokedAt: rec.revokedAt, acct: a, entry: e,
 		}
 		e.cur = key
@@ -264,11 +298,11 @@ func (s *Store) loadSpend(tx *bolt.Tx) error {
 		if i == len(s.byID) || s.byID[i].cur.ID != string(k) {
 			return fmt.Errorf("spend of %q has no key", k)
 		}
-		m, err := getMicros(v)
+		m, period, err := getSpend(v)
 		if err != nil {
 			return fmt.Errorf("spend of %s: %w", k, err)
 		}
-		s.byID[i].spent = m
+		s.byID[i].spent, s.byID[i].period = m, period
 	}
 	return nil
 }

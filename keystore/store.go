@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,20 @@ type Options struct {
 	FlushInterval time.Duration
 	// Metrics, if not nil, receives the ledger's flush metrics.
 	Metrics prometheus.Registerer
+	// Now is the clock of cap periods, alerts and ExpireReservations in
+	// Run; nil means time.Now. Tests inject theirs.
+	Now func() time.Time
+
+	// AlertThresholds are the fractions of a key's spend cap whose crossing
+	// raises a key_spend alert; nil means DefaultAlertThresholds, empty
+	// means none.
+	AlertThresholds []float64
+	// Outbox keeps alerts in the store until AckAlerts: set it when
+	// something delivers them (a webhook), so that a restart loses none.
+	Outbox bool
+	// OnAlert, if not nil, is given the alerts of each flush after its
+	// write. It runs on the flushing goroutine and must not block.
+	OnAlert func([]Alert)
 }
 
 // Buckets of the bbolt file, and the meta bucket's entries.
@@ -41,9 +56,13 @@ var (
 	bucketAccounts = []byte("accounts") // account id -> accountRecord
 	bucketBalances = []byte("balances") // account id -> 8-byte balance
 	bucketKeys     = []byte("keys")     // key id -> keyRecord (with the secret's hash)
-	bucketSpend    = []byte("spend")    // key id -> 8-byte spend (absent: 0)
+	bucketSpend    = []byte("spend")    // key id -> 8-byte spend [+ 4-byte cap period] (absent: 0)
+	bucketReserved = []byte("reservations") // request id -> reservationRecord (schema 2)
+	bucketOutbox   = []byte("outbox")       // alert id -> JSON alert, until delivered (schema 2)
 
-	allBuckets = [][]byte{bucketMeta, bucketAccounts, bucketBalances, bucketKeys, bucketSpend}
+	allBuckets = [][]byte{bucketMeta, bucketAccounts, bucketBalances, bucketKeys, bucketSpend, bucketReserved, bucketOutbox}
+	// v2Buckets are the buckets that schema 2 added to schema 1.
+	v2Buckets = [][]byte{bucketReserved, bucketOutbox}
 
 	metaMagic   = []byte("magic")
 	metaSchema  = []byte("schema_version")
@@ -53,7 +72,10 @@ var (
 
 // schemaVersion is the layout this keygate writes. Open refuses a store with
 // a higher one: an older binary must not half-understand newer records.
-const schemaVersion = 1
+// Schema 2 added reservations, the alert outbox, and optional trailing
+// fields (an account's alert level, a key's cap period); Open upgrades a
+// schema 1 store in place.
+const schemaVersion = 2
 
 // maxNanos is the latest time the store can hold, in 2262.
 const maxNanos = math.MaxInt64
@@ -73,7 +95,17 @@ type Store struct {
 	dirty      atomic.Pointer[account] // accounts with unflushed changes, linked through nextDirty
 	dirtyCount atomic.Int64            // about how many: the pacer's estimate
 	endOfList  *keyEntry               // ends an account's list of dirty keys
+	endOfRes   *reservation            // ends an account's list of changed reservations
 	waiting    atomic.Int32            // admin writes, Flush or Close waiting for wmu: a paced flush hurries
+
+	now        func() time.Time
+	thresholds []float64
+	outbox     bool
+	onAlert    func([]Alert)
+	alertSeq   atomic.Uint32
+
+	res              [reservationShards]reservationShard
+	openReservations atomic.Int64
 
 	// wmu serialises admin writes and flushes, so that memory is changed
 	// only after the disk, in the disk's order. The hot path never takes it.
@@ -107,6 +139,13 @@ func Open(path string, o Options) (*Store, error) {
 	if o.FlushInterval <= 0 {
 		o.FlushInterval = time.Second
 	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.AlertThresholds == nil {
+		o.AlertThresholds = DefaultAlertThresholds
+	}
+	o.AlertThresholds = slices.Sorted(slices.Values(o.AlertThresholds))
 	m, err := newLedgerMetrics(o.Metrics)
 	if err != nil {
 		return nil, err
@@ -129,10 +168,19 @@ func Open(path string, o Options) (*Store, error) {
 		metrics:    m,
 		idx:        new(hashIndex),
 		endOfList:  new(keyEntry),
+		endOfRes:   new(reservation),
+		now:        o.Now,
+		thresholds: o.AlertThresholds,
+		outbox:     o.Outbox,
+		onAlert:    o.OnAlert,
 		interned:   make(map[string]string),
 		scopeSets:  make(map[string][]string),
 		accounts:   make(map[string]*account),
 	}
+	for i := range s.res {
+		s.res[i].m = make(map[string]*reservation)
+	}
+	m.openReservations(s)
 	if err := s.openDB(o.LockTimeout); err != nil {
 		return nil, err
 	}

@@ -103,7 +103,7 @@ func TestReopen(t *testing.T) {
 	if _, ok := r.Lookup(sa, t0.Add(time.Hour+time.Minute)); ok {
 		t.Error("rotated key accepted after its grace, after reopen")
 	}
-	if k, ok := r.Lookup(rotatedSecret, t0.Add(time.Minute)); !ok || k.ID != rotated.ID || k.Tier != "free" {
+	if k, ok := r.Lookup(rotatedSecret, t0.Add(time.Minute)); !ok || k.ID != rotated.ID || k.Tier() != "free" {
 		t.Errorf("rotated-to key after reopen: %v, %v", k, ok)
 	}
 	if _, ok := r.Lookup(sc, t0); !ok {
@@ -203,7 +203,7 @@ func TestOpenRefuses(t *testing.T) {
 		}, keystore.ErrNotKeygate},
 		{"newer schema", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
-				return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 2))
+				return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 3))
 			})
 		}, keystore.ErrSchema},
 		{"missing bucket", func(t *testing.T) string {

@@ -34,10 +34,13 @@ var (
 	ErrInvalid = errors.New("invalid argument")
 )
 
-// Errors returned by Debit. Nothing changes when Debit fails.
+// Errors returned by Debit and Reserve. Nothing changes when they fail.
 var (
 	ErrInsufficientBalance = errors.New("account balance is below the request's price")
 	ErrSpendCap            = errors.New("key would exceed its spending cap")
+	// ErrDuplicateRequest is returned by Reserve for a request ID that
+	// already holds an open reservation.
+	ErrDuplicateRequest = errors.New("request id already has an open reservation")
 )
 
 // Key states as shown to operators.
@@ -50,11 +53,14 @@ const (
 // Account is an account as an operator sees it. Balance includes every debit
 // made so far, flushed to disk or not.
 type Account struct {
-	ID        string
-	Tier      string
-	Balance   money.Micros
-	Reserved  money.Micros // held by requests not yet settled; never counted in Balance
-	CreatedAt time.Time
+	ID       string
+	Tier     string
+	Balance  money.Micros
+	Reserved money.Micros // held by requests not yet settled; never counted in Balance
+	// AlertBelow is the balance under which an account_balance_low alert
+	// fires; 0: no alert.
+	AlertBelow money.Micros
+	CreatedAt  time.Time
 }
 
 // KeyInfo is a key as an operator sees it. It never holds the secret.
@@ -65,12 +71,15 @@ type KeyInfo struct {
 	Scopes    []string
 	RateLimit ratelimit.Rate // zero: the account tier's
 	SpendCap  money.Micros   // zero: no cap
-	Spent     money.Micros   // including unflushed debits
-	Reserved  money.Micros
-	CreatedAt time.Time
-	ExpiresAt time.Time // zero: never
-	RevokedAt time.Time // zero: not revoked; in the future during a rotation's grace
-	RotatedTo string    // the key that replaced this one, if rotated
+	Spent     money.Micros   // in the current cap period, including unflushed debits
+	Reserved  money.Micros   // held by requests not yet settled; never counted in Spent
+	CapPeriod Period
+	// PeriodResetsAt is when Spent next goes back to 0; zero for PeriodNone.
+	PeriodResetsAt time.Time
+	CreatedAt      time.Time
+	ExpiresAt      time.Time // zero: never
+	RevokedAt      time.Time // zero: not revoked; in the future during a rotation's grace
+	RotatedTo      string    // the key that replaced this one, if rotated
 }
 
 // State returns StateActive, StateRevoked or StateExpired at now.
@@ -92,5 +101,6 @@ type NewKey struct {
 	Scopes    []string
 	RateLimit ratelimit.Rate
 	SpendCap  money.Micros
+	CapPeriod Period // PeriodNone: the cap is for the key's lifetime
 	ExpiresAt time.Time
 }

@@ -1,0 +1,190 @@
+package keystore
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	"go.uber.org/zap"
+
+	"github.com/keygate/keygate/keystore/money"
+)
+
+// Alert types, as the webhook's "type" field spells them.
+const (
+	AlertKeySpend          = "key_spend"
+	AlertAccountBalanceLow = "account_balance_low"
+)
+
+// DefaultAlertThresholds are the fractions of a key's spend cap at which a
+// key_spend alert fires when the configuration names none.
+var DefaultAlertThresholds = []float64{0.5, 0.8, 1.0}
+
+// An Alert is one threshold crossed: a key's spend reaching a fraction of
+// its cap, or an account's balance falling below its alert level. The
+// ledger detects crossings as it charges, writes them to the store's outbox
+// with the charge that caused them (so a crash loses both or neither), and
+// hands them to Options.OnAlert after the write.
+type Alert struct {
+	ID      string // unique; lets a receiver de-duplicate
+	Type    string // AlertKeySpend or AlertAccountBalanceLow
+	KeyID   string // key_spend only
+	Account string
+	At      time.Time
+
+	// key_spend
+	Threshold float64 // the fraction of the cap reached
+	Spent     money.Micros
+	Cap       money.Micros
+
+	// account_balance_low
+	Balance    money.Micros
+	AlertBelow money.Micros // the account's alert level
+}
+
+// alertJSON is the webhook's body, and the outbox's record: the fields of
+// the other type are left out, and a zero that applies is kept.
+type alertJSON struct {
+	ID              string        `json:"id"`
+	Type            string        `json:"type"`
+	KeyID           string        `json:"key_id,omitempty"`
+	Account         string        `json:"account"`
+	Threshold       *float64      `json:"threshold,omitempty"`
+	Spent           *money.Micros `json:"spent_micros,omitempty"`
+	Cap             *money.Micros `json:"cap_micros,omitempty"`
+	Balance         *money.Micros `json:"balance_micros,omitempty"`
+	ThresholdMicros *money.Micros `json:"threshold_micros,omitempty"`
+	At              time.Time     `json:"at"`
+}
+
+// MarshalJSON writes the webhook's body.
+func (a Alert) MarshalJSON() ([]byte, error) {
+	j := alertJSON{ID: a.ID, Type: a.Type, KeyID: a.KeyID, Account: a.Account, At: a.At.UTC()}
+	if a.Type == AlertKeySpend {
+		j.Threshold, j.Spent, j.Cap = &a.Threshold, &a.Spent, &a.Cap
+	} else {
+		j.Balance, j.ThresholdMicros = &a.Balance, &a.AlertBelow
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote.
+func (a *Alert) UnmarshalJSON(b []byte) error {
+	var j alertJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	*a = Alert{ID: j.ID, Type: j.Type, KeyID: j.KeyID, Account: j.Account, At: j.At}
+	for _, f := range []struct {
+		dst *money.Micros
+		src *money.Micros
+	}{{&a.Spent, j.Spent}, {&a.Cap, j.Cap}, {&a.Balance, j.Balance}, {&a.AlertBelow, j.ThresholdMicros}} {
+		if f.src != nil {
+			*f.dst = *f.src
+		}
+	}
+	if j.Threshold != nil {
+		a.Threshold = *j.Threshold
+	}
+	return nil
+}
+
+// AccountOption changes an account as it is created or credited.
+type AccountOption func(*accountOptions)
+
+type accountOptions struct {
+	alertBelow    money.Micros
+	setAlertBelow bool
+}
+
+// WithAlertBelow sets the balance under which the account's low-balance
+// alert fires; 0 removes the alert.
+func WithAlertBelow(m money.Micros) AccountOption {
+	return func(o *accountOptions) { o.alertBelow, o.setAlertBelow = m, true }
+}
+
+// crossedLocked records the alerts that a charge crossed, given the
+// balance and spend before it: one per key threshold that the spend
+// reached from below (a charge may cross several), and one when the
+// balance fell under the account's alert level. Spend only grows within
+// a period and a balance must be lifted back above the level by a credit
+// before it can fall under it again, so each crossing is seen once. The
+// caller holds the account's mutex.
+func (s *Store) crossedLocked(k *Key, balBefore, spentBefore money.Micros) {
+	a, e := k.acct, k.entry
+	var at time.Time
+	stamp := func() time.Time {
+		if at.IsZero() {
+			at = s.now().UTC()
+		}
+		return at
+	}
+	if k.SpendCap > 0 {
+		for _, t := range s.thresholds {
+			th := money.Micros(math.Ceil(float64(k.SpendCap) * t))
+			if spentBefore < th && e.spent >= th {
+				a.alerts = append(a.alerts, Alert{ID: s.alertID(stamp()), Type: AlertKeySpend,
+					KeyID: k.ID, Account: a.id, At: at, Threshold: t, Spent: e.spent, Cap: k.SpendCap})
+			}
+		}
+	}
+	if a.alertBelow > 0 && balBefore >= a.alertBelow && a.balance < a.alertBelow {
+		a.alerts = append(a.alerts, Alert{ID: s.alertID(stamp()), Type: AlertAccountBalanceLow,
+			Account: a.id, At: at, Balance: a.balance, AlertBelow: a.alertBelow})
+	}
+}
+
+// alertID makes a unique, time-ordered ID, so that the outbox (keyed by
+// it) gives the oldest alerts first.
+func (s *Store) alertID(at time.Time) string {
+	return fmt.Sprintf("alert_%016x%08x", at.UnixNano(), s.alertSeq.Add(1))
+}
+
+// PendingAlerts returns the alerts of the outbox: written, not yet
+// acknowledged by AckAlerts. Oldest first.
+func (s *Store) PendingAlerts() ([]Alert, error) {
+	var out []Alert
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketOutbox).ForEach(func(k, v []byte) error {
+			var a Alert
+			if err := json.Unmarshal(v, &a); err != nil {
+				s.log.Error("unreadable alert in the outbox; skipped", zap.ByteString("id", k), zap.Error(err))
+				return nil
+			}
+			out = append(out, a)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read the alert outbox: %w", err)
+	}
+	return out, nil
+}
+
+// AckAlerts removes delivered alerts from the outbox, durably. Unknown IDs
+// are ignored.
+func (s *Store) AckAlerts(ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	s.lock()
+	defer s.wmu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketOutbox)
+		for _, id := range ids {
+			if err := b.Delete([]byte(id)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("acknowledge %d alerts: %w", len(ids), err)
+	}
+	return nil
+}
