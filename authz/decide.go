@@ -59,17 +59,37 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 		return g, s.rateDenial(g.rate)
 	}
 
-	// 5. Spend.
-	if err := s.keys.Debit(key, rt.Price); err != nil {
-		if errors.Is(err, keystore.ErrSpendCap) {
-			return g, denySpendCap
+	// 5. Spend: debit now, or reserve until the access log says how the
+	// request ended.
+	if rt.Price > 0 && s.onResponse {
+		if id := r.settleID(); id != "" {
+			err := s.keys.Reserve(key, id, rt.Price, rt.MaxPrice, now.Add(s.settleTimeout))
+			if err != nil {
+				return g, spendDenial(err)
+			}
+			s.m.reserve(key, rt.Price)
+			return g, nil
 		}
-		return g, denyBalance // ErrInsufficientBalance, or any ledger failure: never allow unpaid
+		s.m.noRequestID.Inc() // nothing could settle it: charged now
+	}
+	if err := s.keys.Debit(key, rt.Price); err != nil {
+		return g, spendDenial(err)
 	}
 	if rt.Price > 0 {
 		s.m.debit(key, rt.Price)
 	}
 	return g, nil
+}
+
+// spendDenial answers a failed debit or reservation.
+func spendDenial(err error) *Denial {
+	switch {
+	case errors.Is(err, keystore.ErrSpendCap):
+		return denySpendCap
+	case errors.Is(err, keystore.ErrDuplicateRequest):
+		return denyDuplicate
+	}
+	return denyBalance // ErrInsufficientBalance, or any ledger failure: never allow unpaid
 }
 
 // rateDenial returns the 429 for keys limited to r. Its body is built once

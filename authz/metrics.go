@@ -20,7 +20,7 @@ var reasons = []struct {
 }{
 	{"no_key", 401}, {"invalid_key", 401}, {"bad_path", 400}, {"no_route", 403},
 	{"scope", 403}, {"rate_limit", 429}, {"balance", 429}, {"spend_cap", 429},
-	{"malformed", 400}, {"internal", 503},
+	{"malformed", 400}, {"internal", 503}, {"duplicate_request", 400},
 }
 
 type metrics struct {
@@ -31,10 +31,14 @@ type metrics struct {
 	// (let alone a float counter's compare-and-swap loop) would bounce its
 	// cache line between the cores of every priced Check.
 	debits [16]debitStripe
+	// noRequestID counts priced Checks that had to be debited at once in
+	// on_response mode: with no request ID, no log entry could settle them.
+	noRequestID prometheus.Counter
 }
 
 type debitStripe struct {
-	n, micros atomic.Int64
+	n, micros         atomic.Int64
+	reserved, rmicros atomic.Int64
 	_         [48]byte // a cache line each
 }
 
@@ -69,8 +73,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Name: "keygate_debited_micros_total",
 		Help: "Amount debited from account balances, in micro-USD.",
 	}, func() float64 { return m.sum(func(d *debitStripe) int64 { return d.micros.Load() }) })
+	reserved := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "keygate_reservations_total",
+		Help: "Priced requests whose price was reserved at the Check, to be settled from the access log (settle: on_response).",
+	}, func() float64 { return m.sum(func(d *debitStripe) int64 { return d.reserved.Load() }) })
+	reservedMicros := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "keygate_reserved_micros_total",
+		Help: "Amount reserved at Checks, in micro-USD (what settlement then commits or releases).",
+	}, func() float64 { return m.sum(func(d *debitStripe) int64 { return d.rmicros.Load() }) })
+	m.noRequestID = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_settle_no_request_id_total",
+		Help: "Priced Checks debited at once in on_response mode because they carried no request id to settle by.",
+	})
 	if reg != nil {
-		for _, c := range []prometheus.Collector{checks, latency, debits, debited} {
+		for _, c := range []prometheus.Collector{checks, latency, debits, debited, reserved, reservedMicros, m.noRequestID} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -95,6 +111,12 @@ func (m *metrics) observe(d *Denial, took time.Duration) {
 
 // debit counts a debit in the stripe of the key it was made with, so that
 // Checks for different keys touch different cache lines.
+func (m *metrics) reserve(k *keystore.Key, price money.Micros) {
+	d := &m.debits[(uintptr(unsafe.Pointer(k))>>7)%uintptr(len(m.debits))]
+	d.reserved.Add(1)
+	d.rmicros.Add(int64(price))
+}
+
 func (m *metrics) debit(k *keystore.Key, price money.Micros) {
 	d := &m.debits[(uintptr(unsafe.Pointer(k))>>7)%uintptr(len(m.debits))]
 	d.n.Add(1)

@@ -14,29 +14,47 @@ import (
 // AuthorizationServer.
 type request struct {
 	id, method, path string
+	requestID        string // the x-request-id header
 	auth             string // the authorization header
 	authCount        int    // more than one is ambiguous
 }
 
 func fromWire(r *wire.Request) request {
-	return request{id: r.ID, method: r.Method, path: r.Path, auth: r.Authorization, authCount: r.AuthorizationCount}
+	return request{id: r.ID, method: r.Method, path: r.Path, requestID: r.RequestID,
+		auth: r.Authorization, authCount: r.AuthorizationCount}
+}
+
+// settleID is the ID that the access log will name the request by:
+// Envoy's stream ID, which is the x-request-id it generated or kept.
+func (r *request) settleID() string {
+	if r.id != "" {
+		return r.id
+	}
+	return r.requestID
 }
 
 // fromProto reads the same fields as wire.Request.Decode: the headers map
 // first, then Envoy's raw header_map.
 func fromProto(h *authv3.AttributeContext_HttpRequest) request {
 	r := request{id: h.GetId(), method: h.GetMethod(), path: h.GetPath()}
-	if v, ok := h.GetHeaders()["authorization"]; ok {
-		r.auth, r.authCount = v, 1
-		return r
+	if hs := h.GetHeaders(); len(hs) > 0 {
+		r.requestID = hs["x-request-id"]
+		if v, ok := hs["authorization"]; ok {
+			r.auth, r.authCount = v, 1
+			return r
+		}
 	}
 	for _, hv := range h.GetHeaderMap().GetHeaders() {
-		if strings.EqualFold(hv.GetKey(), "authorization") {
-			r.auth = hv.GetValue()
-			if raw := hv.GetRawValue(); len(raw) > 0 {
-				r.auth = string(raw)
-			}
+		v := hv.GetValue()
+		if raw := hv.GetRawValue(); len(raw) > 0 {
+			v = string(raw)
+		}
+		switch {
+		case strings.EqualFold(hv.GetKey(), "authorization"):
+			r.auth = v
 			r.authCount++
+		case strings.EqualFold(hv.GetKey(), "x-request-id") && r.requestID == "":
+			r.requestID = v
 		}
 	}
 	return r

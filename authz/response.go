@@ -67,6 +67,8 @@ var (
 		Message: "Your account balance is too low for this request; add credit to continue"})
 	denySpendCap = fixed(&Denial{Status: 429, Type: typeQuota, Reason: "spend_cap",
 		Message: "This API key has reached its spending cap"})
+	denyDuplicate = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "duplicate_request",
+		Message: "Another request with this request id is still in flight; give each request its own x-request-id"})
 	denyMalformed = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "malformed",
 		Message: "The authorization request could not be decoded"})
 	// denyInternal answers a Check that hit a bug: refused, never allowed.

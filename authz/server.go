@@ -17,11 +17,13 @@ import (
 	"github.com/keygate/keygate/keystore/money"
 )
 
-// Keys is what a Check needs from the key store: a lookup by secret and an
-// atomic debit. *keystore.Store implements it.
+// Keys is what a Check needs from the key store: a lookup by secret, an
+// atomic debit, and for settlement after the response an atomic
+// reservation. *keystore.Store implements it.
 type Keys interface {
 	Lookup(secret string, now time.Time) (*keystore.Key, bool)
 	Debit(k *keystore.Key, price money.Micros) error
+	Reserve(k *keystore.Key, requestID string, price, maxPrice money.Micros, deadline time.Time) error
 }
 
 // Config is what New needs. Keys and Routes are required.
@@ -35,6 +37,12 @@ type Config struct {
 	Log      *zap.Logger           // nil: no logs
 	Metrics  prometheus.Registerer // nil: no metrics
 	Now      func() time.Time      // nil: time.Now
+
+	// OnResponse makes an allowed, priced Check reserve its price rather
+	// than debit it: the access log settles it (package settle), or the
+	// store commits it SettleTimeout after the Check.
+	OnResponse    bool
+	SettleTimeout time.Duration // > 0 when OnResponse
 }
 
 // Server implements Envoy's ext_authz v3 Authorization service.
@@ -48,6 +56,9 @@ type Server struct {
 	log      *zap.Logger
 	now      func() time.Time
 	m        *metrics
+
+	onResponse    bool
+	settleTimeout time.Duration
 
 	// denyScope holds one Denial per scope, responses included.
 	denyScope map[string]*Denial
@@ -64,7 +75,10 @@ func New(c Config) (*Server, error) {
 	}
 	s := &Server{
 		keys: c.Keys, routes: c.Routes, limiter: c.Limiter, tierRate: c.TierRate,
-		log: c.Log, now: c.Now,
+		log: c.Log, now: c.Now, onResponse: c.OnResponse, settleTimeout: c.SettleTimeout,
+	}
+	if s.onResponse && s.settleTimeout <= 0 {
+		return nil, errors.New("authz: settling on response needs a positive SettleTimeout")
 	}
 	if s.limiter == nil {
 		s.limiter = ratelimit.NewLimiter()

@@ -40,12 +40,12 @@ type fixture struct {
 	logs   *observer.ObservedLogs
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T, opts ...func(*authz.Config)) *fixture {
 	t.Helper()
 	f := &fixture{store: keystoretest.Open(t)}
 	f.setNow(t0)
 	routes, err := route.NewTable([]route.Spec{
-		{Method: "POST", Path: "/v1/chat/completions", Scope: "chat:write", Price: 2000},
+		{Method: "POST", Path: "/v1/chat/completions", Scope: "chat:write", Price: 2000, MaxPrice: 5000},
 		{Method: "GET", PathPrefix: "/v1/chat/completions/", Scope: "chat:read"},
 		{Method: "POST", Path: "/v1/embeddings", Scope: "embeddings:write", Price: 100},
 		{Method: "POST", Path: "/v1/images/generations", Scope: "images:write", Price: 40000},
@@ -55,7 +55,7 @@ func newFixture(t *testing.T) *fixture {
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	f.logs = logs
-	srv, err := authz.New(authz.Config{
+	c := authz.Config{
 		Keys: f.store, Routes: routes,
 		TierRate: func(tier string) (ratelimit.Rate, bool) {
 			if tier == "free" {
@@ -65,7 +65,11 @@ func newFixture(t *testing.T) *fixture {
 		},
 		Log: zap.New(core),
 		Now: func() time.Time { return *f.now.Load() },
-	})
+	}
+	for _, o := range opts {
+		o(&c)
+	}
+	srv, err := authz.New(c)
 	if err != nil {
 		t.Fatal(err)
 	}

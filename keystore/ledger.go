@@ -363,8 +363,8 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 func (s *Store) writeLocked(b *flushBatch, p *pacer) (err error) {
 	// bbolt keeps a reference to each value until the commit: one buffer
 	// holds them all. It copies keys: one buffer serves every put.
-	n := len(b.accounts) + 2*len(b.keys) // 12 bytes for a spend with a period
-	b.values = slices.Grow(b.values[:0], 8*n)[:8*n]
+	n := 12 * (len(b.accounts) + len(b.keys)) // room for a spend with a cap period
+	b.values = slices.Grow(b.values[:0], n)[:n]
 	tx, err := s.db.Begin(true)
 	if err != nil {
 		return err
@@ -411,13 +411,13 @@ func (s *Store) writeChangesLocked(tx *bolt.Tx, res []resChange, alerts []Alert)
 	rb := tx.Bucket(bucketReserved)
 	for _, c := range res {
 		if !c.open {
-			if err := rb.Delete([]byte(c.r.id)); err != nil {
+			if err := rb.Delete(c.r.diskKey()); err != nil {
 				return fmt.Errorf("reservation %q: %w", c.r.id, err)
 			}
 			continue
 		}
 		rec := reservationRecord{KeyID: c.r.key.ID, Price: c.r.price, MaxPrice: c.r.maxPrice, Deadline: c.r.deadline}
-		if err := rb.Put([]byte(c.r.id), rec.appendTo(nil)); err != nil {
+		if err := rb.Put(c.r.diskKey(), rec.appendTo(nil)); err != nil {
 			return fmt.Errorf("reservation %q: %w", c.r.id, err)
 		}
 	}

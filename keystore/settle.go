@@ -1,6 +1,7 @@
 package keystore
 
 import (
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"sync"
@@ -43,6 +44,7 @@ type reservation struct {
 	price    money.Micros
 	maxPrice money.Micros
 	deadline int64 // Unix nanoseconds
+	seq      uint64 // tells apart, on disk, two reservations of one request ID
 
 	// Guarded by the account's mu. open is false once settled; nextDirty
 	// links the account's reservations changed since the last flush (nil:
@@ -95,7 +97,7 @@ func (s *Store) Reserve(k *Key, requestID string, price, maxPrice money.Micros, 
 		return err
 	}
 	r := &reservation{id: strings.Clone(requestID), key: k, price: price, maxPrice: maxPrice,
-		deadline: deadline.UnixNano(), open: true}
+		deadline: deadline.UnixNano(), seq: s.resSeq.Add(1), open: true}
 	a.reserved += price
 	e.reserved += price
 	s.markReservationLocked(a, r)
@@ -210,11 +212,23 @@ func (s *Store) ExpireReservations(now time.Time) int {
 	return len(due)
 }
 
+// diskKey is r's key in the reservations bucket: the request ID, a zero
+// byte and the sequence number. A request ID can be reserved again once
+// settled, even by another account, whose flush may come first: each
+// reservation's record is its own, so deleting one never deletes another.
+func (r *reservation) diskKey() []byte {
+	return binary.BigEndian.AppendUint64(append([]byte(r.id), 0), r.seq)
+}
+
 // loadReservations restores the open reservations, and what they hold
 // against balances and caps. One whose key is gone (never: keys are not
 // deleted) makes the store corrupt rather than silently uncharged.
 func (s *Store) loadReservations(tx *bolt.Tx) error {
-	return tx.Bucket(bucketReserved).ForEach(func(id, v []byte) error {
+	return tx.Bucket(bucketReserved).ForEach(func(dk, v []byte) error {
+		if len(dk) < 10 || dk[len(dk)-9] != 0 {
+			return fmt.Errorf("reservation key %q", dk)
+		}
+		id, seq := dk[:len(dk)-9], binary.BigEndian.Uint64(dk[len(dk)-8:])
 		rec, err := decodeReservation(v)
 		if err != nil {
 			return fmt.Errorf("reservation %q: %w", id, err)
@@ -227,7 +241,10 @@ func (s *Store) loadReservations(tx *bolt.Tx) error {
 			return fmt.Errorf("reservation id of %d bytes", len(id))
 		}
 		r := &reservation{id: string(id), key: e.cur, price: rec.Price, maxPrice: rec.MaxPrice,
-			deadline: rec.Deadline, open: true}
+			deadline: rec.Deadline, seq: seq, open: true}
+		if s.shardOf(r.id).m[r.id] != nil {
+			return fmt.Errorf("request id %q has two open reservations", id)
+		}
 		a := e.cur.acct
 		a.reserved += r.price
 		e.reserved += r.price

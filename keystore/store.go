@@ -106,6 +106,7 @@ type Store struct {
 
 	res              [reservationShards]reservationShard
 	openReservations atomic.Int64
+	resSeq           atomic.Uint64 // starts at the clock: unique across restarts
 
 	// wmu serialises admin writes and flushes, so that memory is changed
 	// only after the disk, in the disk's order. The hot path never takes it.
@@ -180,6 +181,7 @@ func Open(path string, o Options) (*Store, error) {
 	for i := range s.res {
 		s.res[i].m = make(map[string]*reservation)
 	}
+	s.resSeq.Store(uint64(time.Now().UnixNano()))
 	m.openReservations(s)
 	if err := s.openDB(o.LockTimeout); err != nil {
 		return nil, err

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/keystore/money"
 	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
 )
 
@@ -24,14 +26,18 @@ func newAccountsCmd() *cobra.Command {
 		return printAccounts(c.OutOrStdout(), []accountView{v})
 	}
 
-	var balance, tier string
+	var balance, tier, createAlert string
 	create := &cobra.Command{
-		Use:   "create ACCOUNT [--balance USD] [--tier NAME]",
+		Use:   "create ACCOUNT [--balance USD] [--tier NAME] [--alert-below USD]",
 		Short: "Create an account",
 		Args:  nArgs("ACCOUNT"),
 		RunE: func(c *cobra.Command, args []string) error {
+			alert, err := alertBelowFlag(c, createAlert)
+			if err != nil {
+				return err
+			}
 			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
-				a, err := cl.CreateAccount(ctx, &adminv1.CreateAccountRequest{Id: args[0], BalanceUsd: balance, Tier: tier})
+				a, err := cl.CreateAccount(ctx, &adminv1.CreateAccountRequest{Id: args[0], BalanceUsd: balance, Tier: tier, AlertBelowUsd: alert})
 				if err != nil {
 					return err
 				}
@@ -41,6 +47,7 @@ func newAccountsCmd() *cobra.Command {
 	}
 	create.Flags().StringVar(&balance, "balance", "", "starting balance in USD, e.g. 10 or 0.5 (default 0)")
 	create.Flags().StringVar(&tier, "tier", "", "tier that sets the default rate limit of the account's keys (default: the config's default_tier)")
+	create.Flags().StringVar(&createAlert, "alert-below", "", "send an account_balance_low alert when the balance falls below this many USD (default: no alert)")
 
 	get := &cobra.Command{
 		Use:   "get ACCOUNT",
@@ -57,13 +64,18 @@ func newAccountsCmd() *cobra.Command {
 		},
 	}
 
+	var creditAlert string
 	credit := &cobra.Command{
-		Use:   "credit ACCOUNT USD",
+		Use:   "credit ACCOUNT USD [--alert-below USD]",
 		Short: "Add USD to an account's balance",
 		Args:  nArgs("ACCOUNT", "USD"),
 		RunE: func(c *cobra.Command, args []string) error {
+			alert, err := alertBelowFlag(c, creditAlert)
+			if err != nil {
+				return err
+			}
 			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
-				a, err := cl.CreditAccount(ctx, &adminv1.CreditAccountRequest{Id: args[0], AmountUsd: args[1]})
+				a, err := cl.CreditAccount(ctx, &adminv1.CreditAccountRequest{Id: args[0], AmountUsd: args[1], AlertBelowUsd: alert})
 				if err != nil {
 					return err
 				}
@@ -71,6 +83,7 @@ func newAccountsCmd() *cobra.Command {
 			})
 		},
 	}
+	credit.Flags().StringVar(&creditAlert, "alert-below", "", "also set the low-balance alert level, in USD (0 removes the alert; default: unchanged)")
 
 	list := &cobra.Command{
 		Use:   "list",
@@ -95,4 +108,18 @@ func newAccountsCmd() *cobra.Command {
 	}
 	c.AddCommand(create, get, credit, list)
 	return c
+}
+
+// alertBelowFlag returns what to send as alert_below_usd: nil when
+// --alert-below was not given, so that a credit leaves the alert as it is.
+// The value is checked here, before anything is opened or dialled, so that
+// the error names the flag.
+func alertBelowFlag(c *cobra.Command, v string) (*string, error) {
+	if !c.Flags().Changed("alert-below") {
+		return nil, nil
+	}
+	if _, err := money.ParseUSD(v); err != nil {
+		return nil, fmt.Errorf("--alert-below: %w", err)
+	}
+	return &v, nil
 }

@@ -2,11 +2,12 @@ package main
 
 import (
 	"context"
-
+	"fmt"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/keystore"
 	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
 )
 
@@ -26,16 +27,22 @@ func newKeysCmd() *cobra.Command {
 		return printKeys(c.OutOrStdout(), []keyView{v})
 	}
 
-	var ck struct{ account, scopes, name, rate, spendCap, expiresIn string }
+	var ck struct{ account, scopes, name, rate, spendCap, capPeriod, expiresIn string }
 	create := &cobra.Command{
-		Use:   "create --account ACCOUNT --scopes S1,S2 [--name TEXT] [--rate-limit N/s|N/m|N/h|N/d] [--spend-cap USD] [--expires-in DURATION]",
+		Use: "create --account ACCOUNT --scopes S1,S2 [--name TEXT] [--rate-limit N/s|N/m|N/h|N/d] [--spend-cap USD] " +
+			"[--cap-period day|month|none] [--expires-in DURATION]",
 		Short: "Issue a key; its secret is shown this once",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
+			// Checked before anything is opened or dialled, so that the
+			// error names the flag.
+			if _, err := keystore.ParsePeriod(ck.capPeriod); err != nil {
+				return fmt.Errorf("--cap-period %q: want day, month or none", ck.capPeriod)
+			}
 			return af.do(c, func(ctx context.Context, cl adminv1.AdminClient) error {
 				r, err := cl.CreateKey(ctx, &adminv1.CreateKeyRequest{
 					Account: ck.account, Scopes: splitScopes(ck.scopes), Name: ck.name,
-					RateLimit: ck.rate, SpendCapUsd: ck.spendCap, ExpiresIn: ck.expiresIn,
+					RateLimit: ck.rate, SpendCapUsd: ck.spendCap, CapPeriod: ck.capPeriod, ExpiresIn: ck.expiresIn,
 				})
 				if err != nil {
 					return err
@@ -54,7 +61,8 @@ func newKeysCmd() *cobra.Command {
 	f.StringVar(&ck.scopes, "scopes", "", "comma-separated scopes, e.g. chat:read,chat:write (required)")
 	f.StringVar(&ck.name, "name", "", "a label for operators")
 	f.StringVar(&ck.rate, "rate-limit", "", "the key's own rate limit, N/s, N/m, N/h or N/d (default: its account tier's)")
-	f.StringVar(&ck.spendCap, "spend-cap", "", "most the key may ever spend, in USD (default: no cap)")
+	f.StringVar(&ck.spendCap, "spend-cap", "", "most the key may spend, in USD, per --cap-period (default: no cap)")
+	f.StringVar(&ck.capPeriod, "cap-period", "none", "when the spend cap starts over: day or month (calendar periods, UTC), or none for the key's lifetime")
 	f.StringVar(&ck.expiresIn, "expires-in", "", "lifetime, e.g. 720h or 90d (default: never expires)")
 
 	get := &cobra.Command{

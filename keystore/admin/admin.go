@@ -59,7 +59,11 @@ func (s *Server) CreateAccount(_ context.Context, r *adminv1.CreateAccountReques
 	} else if _, ok := s.cfg.Tiers[tier]; !ok {
 		return nil, invalid("tier %q is not defined in the config (tiers: %s)", tier, strings.Join(s.tierNames(), ", "))
 	}
-	a, err := s.store.CreateAccount(r.GetId(), tier, bal, s.now())
+	opts, err := alertBelow(r.AlertBelowUsd)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.store.CreateAccount(r.GetId(), tier, bal, s.now(), opts...)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -82,7 +86,11 @@ func (s *Server) CreditAccount(_ context.Context, r *adminv1.CreditAccountReques
 	if amt == 0 {
 		return nil, invalid("amount: must be greater than 0")
 	}
-	a, err := s.store.Credit(r.GetId(), amt)
+	opts, err := alertBelow(r.AlertBelowUsd)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.store.Credit(r.GetId(), amt, opts...)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -128,6 +136,11 @@ func (s *Server) CreateKey(_ context.Context, r *adminv1.CreateKeyRequest) (*adm
 		}
 		nk.SpendCap = c
 	}
+	p, err := keystore.ParsePeriod(r.GetCapPeriod())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	nk.CapPeriod = p
 	now := s.now()
 	if r.GetExpiresIn() != "" {
 		d, err := config.ParseDuration(r.GetExpiresIn())
@@ -197,6 +210,19 @@ func (s *Server) RotateKey(_ context.Context, r *adminv1.RotateKeyRequest) (*adm
 	return &adminv1.RotateKeyResponse{Key: s.keyPB(nw, now), Secret: secret, OldKey: s.keyPB(old, now)}, nil
 }
 
+// alertBelow reads an optional alert_below_usd: unset changes nothing, and
+// a set value, "0" included, becomes the option that sets it.
+func alertBelow(usd *string) ([]keystore.AccountOption, error) {
+	if usd == nil {
+		return nil, nil
+	}
+	m, err := money.ParseUSD(*usd)
+	if err != nil {
+		return nil, invalid("alert below: %v", err)
+	}
+	return []keystore.AccountOption{keystore.WithAlertBelow(m)}, nil
+}
+
 func (s *Server) tierNames() []string {
 	var names []string
 	for n := range s.cfg.File.Tiers {
@@ -212,7 +238,8 @@ func accountPB(a keystore.Account) *adminv1.Account {
 	return &adminv1.Account{
 		Id: a.ID, Tier: a.Tier,
 		BalanceMicros: int64(a.Balance), ReservedMicros: int64(a.Reserved),
-		CreatedAt: ts(a.CreatedAt),
+		AlertBelowMicros: int64(a.AlertBelow),
+		CreatedAt:        ts(a.CreatedAt),
 	}
 }
 
@@ -233,6 +260,8 @@ func (s *Server) keyPB(k keystore.KeyInfo, now time.Time) *adminv1.Key {
 		ExpiresAt:          ts(k.ExpiresAt),
 		RevokedAt:          ts(k.RevokedAt),
 		RotatedTo:          k.RotatedTo,
+		CapPeriod:          k.CapPeriod.String(),
+		PeriodResetsAt:     ts(k.PeriodResetsAt),
 	}
 }
 

@@ -27,14 +27,17 @@ const (
 )
 
 type Account struct {
-	state          protoimpl.MessageState `protogen:"open.v1"`
-	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Tier           string                 `protobuf:"bytes,2,opt,name=tier,proto3" json:"tier,omitempty"`
-	BalanceMicros  int64                  `protobuf:"varint,3,opt,name=balance_micros,json=balanceMicros,proto3" json:"balance_micros,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Tier          string                 `protobuf:"bytes,2,opt,name=tier,proto3" json:"tier,omitempty"`
+	BalanceMicros int64                  `protobuf:"varint,3,opt,name=balance_micros,json=balanceMicros,proto3" json:"balance_micros,omitempty"`
+	// Held by requests not yet settled; never counted in balance_micros.
 	ReservedMicros int64                  `protobuf:"varint,4,opt,name=reserved_micros,json=reservedMicros,proto3" json:"reserved_micros,omitempty"`
 	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The balance under which an account_balance_low alert fires; 0: no alert.
+	AlertBelowMicros int64 `protobuf:"varint,6,opt,name=alert_below_micros,json=alertBelowMicros,proto3" json:"alert_below_micros,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Account) Reset() {
@@ -102,6 +105,13 @@ func (x *Account) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Account) GetAlertBelowMicros() int64 {
+	if x != nil {
+		return x.AlertBelowMicros
+	}
+	return 0
+}
+
 type Key struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Id      string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -113,16 +123,23 @@ type Key struct {
 	// The key's own limit as N/s, N/m, N/h or N/d; empty: the account tier's.
 	RateLimit string `protobuf:"bytes,6,opt,name=rate_limit,json=rateLimit,proto3" json:"rate_limit,omitempty"`
 	// The limit in force: rate_limit, else the tier's.
-	EffectiveRateLimit string                 `protobuf:"bytes,7,opt,name=effective_rate_limit,json=effectiveRateLimit,proto3" json:"effective_rate_limit,omitempty"`
-	SpendCapMicros     int64                  `protobuf:"varint,8,opt,name=spend_cap_micros,json=spendCapMicros,proto3" json:"spend_cap_micros,omitempty"`
-	SpentMicros        int64                  `protobuf:"varint,9,opt,name=spent_micros,json=spentMicros,proto3" json:"spent_micros,omitempty"`
-	ReservedMicros     int64                  `protobuf:"varint,10,opt,name=reserved_micros,json=reservedMicros,proto3" json:"reserved_micros,omitempty"`
-	CreatedAt          *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	ExpiresAt          *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	RevokedAt          *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
-	RotatedTo          string                 `protobuf:"bytes,14,opt,name=rotated_to,json=rotatedTo,proto3" json:"rotated_to,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	EffectiveRateLimit string `protobuf:"bytes,7,opt,name=effective_rate_limit,json=effectiveRateLimit,proto3" json:"effective_rate_limit,omitempty"`
+	SpendCapMicros     int64  `protobuf:"varint,8,opt,name=spend_cap_micros,json=spendCapMicros,proto3" json:"spend_cap_micros,omitempty"`
+	// Spent in the current cap period (the key's lifetime for "none").
+	SpentMicros int64 `protobuf:"varint,9,opt,name=spent_micros,json=spentMicros,proto3" json:"spent_micros,omitempty"`
+	// Held by requests not yet settled; never counted in spent_micros.
+	ReservedMicros int64                  `protobuf:"varint,10,opt,name=reserved_micros,json=reservedMicros,proto3" json:"reserved_micros,omitempty"`
+	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	ExpiresAt      *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	RevokedAt      *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	RotatedTo      string                 `protobuf:"bytes,14,opt,name=rotated_to,json=rotatedTo,proto3" json:"rotated_to,omitempty"`
+	// How often spent_micros starts over: "none", "day" or "month" (calendar
+	// periods, UTC).
+	CapPeriod string `protobuf:"bytes,15,opt,name=cap_period,json=capPeriod,proto3" json:"cap_period,omitempty"`
+	// When spent_micros next goes back to 0; unset for "none".
+	PeriodResetsAt *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=period_resets_at,json=periodResetsAt,proto3" json:"period_resets_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -253,13 +270,30 @@ func (x *Key) GetRotatedTo() string {
 	return ""
 }
 
+func (x *Key) GetCapPeriod() string {
+	if x != nil {
+		return x.CapPeriod
+	}
+	return ""
+}
+
+func (x *Key) GetPeriodResetsAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PeriodResetsAt
+	}
+	return nil
+}
+
 type CreateAccountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Decimal USD, at most 6 places; empty means 0.
 	BalanceUsd string `protobuf:"bytes,2,opt,name=balance_usd,json=balanceUsd,proto3" json:"balance_usd,omitempty"`
 	// Empty: the config's default tier.
-	Tier          string `protobuf:"bytes,3,opt,name=tier,proto3" json:"tier,omitempty"`
+	Tier string `protobuf:"bytes,3,opt,name=tier,proto3" json:"tier,omitempty"`
+	// Decimal USD: the balance under which an account_balance_low alert fires.
+	// Unset or "0": no alert.
+	AlertBelowUsd *string `protobuf:"bytes,4,opt,name=alert_below_usd,json=alertBelowUsd,proto3,oneof" json:"alert_below_usd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -315,6 +349,13 @@ func (x *CreateAccountRequest) GetTier() string {
 	return ""
 }
 
+func (x *CreateAccountRequest) GetAlertBelowUsd() string {
+	if x != nil && x.AlertBelowUsd != nil {
+		return *x.AlertBelowUsd
+	}
+	return ""
+}
+
 type GetAccountRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -360,9 +401,12 @@ func (x *GetAccountRequest) GetId() string {
 }
 
 type CreditAccountRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	AmountUsd     string                 `protobuf:"bytes,2,opt,name=amount_usd,json=amountUsd,proto3" json:"amount_usd,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	AmountUsd string                 `protobuf:"bytes,2,opt,name=amount_usd,json=amountUsd,proto3" json:"amount_usd,omitempty"`
+	// Decimal USD: sets the account's low-balance alert level; "0" removes the
+	// alert. Unset: the alert stays as it is.
+	AlertBelowUsd *string `protobuf:"bytes,3,opt,name=alert_below_usd,json=alertBelowUsd,proto3,oneof" json:"alert_below_usd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -407,6 +451,13 @@ func (x *CreditAccountRequest) GetId() string {
 func (x *CreditAccountRequest) GetAmountUsd() string {
 	if x != nil {
 		return x.AmountUsd
+	}
+	return ""
+}
+
+func (x *CreditAccountRequest) GetAlertBelowUsd() string {
+	if x != nil && x.AlertBelowUsd != nil {
+		return *x.AlertBelowUsd
 	}
 	return ""
 }
@@ -499,7 +550,10 @@ type CreateKeyRequest struct {
 	RateLimit   string                 `protobuf:"bytes,4,opt,name=rate_limit,json=rateLimit,proto3" json:"rate_limit,omitempty"`
 	SpendCapUsd string                 `protobuf:"bytes,5,opt,name=spend_cap_usd,json=spendCapUsd,proto3" json:"spend_cap_usd,omitempty"`
 	// Go duration, or days such as "90d"; empty: never expires.
-	ExpiresIn     string `protobuf:"bytes,6,opt,name=expires_in,json=expiresIn,proto3" json:"expires_in,omitempty"`
+	ExpiresIn string `protobuf:"bytes,6,opt,name=expires_in,json=expiresIn,proto3" json:"expires_in,omitempty"`
+	// How often the spend cap starts over: "day" or "month" (calendar periods,
+	// UTC), or "none"; empty: "none", a cap for the key's lifetime.
+	CapPeriod     string `protobuf:"bytes,7,opt,name=cap_period,json=capPeriod,proto3" json:"cap_period,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -572,6 +626,13 @@ func (x *CreateKeyRequest) GetSpendCapUsd() string {
 func (x *CreateKeyRequest) GetExpiresIn() string {
 	if x != nil {
 		return x.ExpiresIn
+	}
+	return ""
+}
+
+func (x *CreateKeyRequest) GetCapPeriod() string {
+	if x != nil {
+		return x.CapPeriod
 	}
 	return ""
 }
@@ -923,14 +984,15 @@ var File_keygate_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_keygate_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckeygate/admin/v1/admin.proto\x12\x10keygate.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n" +
+	"\x1ckeygate/admin/v1/admin.proto\x12\x10keygate.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n" +
 	"\aAccount\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04tier\x18\x02 \x01(\tR\x04tier\x12%\n" +
 	"\x0ebalance_micros\x18\x03 \x01(\x03R\rbalanceMicros\x12'\n" +
 	"\x0freserved_micros\x18\x04 \x01(\x03R\x0ereservedMicros\x129\n" +
 	"\n" +
-	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x88\x04\n" +
+	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12,\n" +
+	"\x12alert_below_micros\x18\x06 \x01(\x03R\x10alertBelowMicros\"\xed\x04\n" +
 	"\x03Key\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaccount\x18\x02 \x01(\tR\aaccount\x12\x12\n" +
@@ -951,21 +1013,28 @@ const file_keygate_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"revoked_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12\x1d\n" +
 	"\n" +
-	"rotated_to\x18\x0e \x01(\tR\trotatedTo\"[\n" +
+	"rotated_to\x18\x0e \x01(\tR\trotatedTo\x12\x1d\n" +
+	"\n" +
+	"cap_period\x18\x0f \x01(\tR\tcapPeriod\x12D\n" +
+	"\x10period_resets_at\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\x0eperiodResetsAt\"\x9c\x01\n" +
 	"\x14CreateAccountRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vbalance_usd\x18\x02 \x01(\tR\n" +
 	"balanceUsd\x12\x12\n" +
-	"\x04tier\x18\x03 \x01(\tR\x04tier\"#\n" +
+	"\x04tier\x18\x03 \x01(\tR\x04tier\x12+\n" +
+	"\x0falert_below_usd\x18\x04 \x01(\tH\x00R\ralertBelowUsd\x88\x01\x01B\x12\n" +
+	"\x10_alert_below_usd\"#\n" +
 	"\x11GetAccountRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"E\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x86\x01\n" +
 	"\x14CreditAccountRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\n" +
-	"amount_usd\x18\x02 \x01(\tR\tamountUsd\"\x15\n" +
+	"amount_usd\x18\x02 \x01(\tR\tamountUsd\x12+\n" +
+	"\x0falert_below_usd\x18\x03 \x01(\tH\x00R\ralertBelowUsd\x88\x01\x01B\x12\n" +
+	"\x10_alert_below_usd\"\x15\n" +
 	"\x13ListAccountsRequest\"M\n" +
 	"\x14ListAccountsResponse\x125\n" +
-	"\baccounts\x18\x01 \x03(\v2\x19.keygate.admin.v1.AccountR\baccounts\"\xba\x01\n" +
+	"\baccounts\x18\x01 \x03(\v2\x19.keygate.admin.v1.AccountR\baccounts\"\xd9\x01\n" +
 	"\x10CreateKeyRequest\x12\x18\n" +
 	"\aaccount\x18\x01 \x01(\tR\aaccount\x12\x16\n" +
 	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12\x12\n" +
@@ -974,7 +1043,9 @@ const file_keygate_admin_v1_admin_proto_rawDesc = "" +
 	"rate_limit\x18\x04 \x01(\tR\trateLimit\x12\"\n" +
 	"\rspend_cap_usd\x18\x05 \x01(\tR\vspendCapUsd\x12\x1d\n" +
 	"\n" +
-	"expires_in\x18\x06 \x01(\tR\texpiresIn\"T\n" +
+	"expires_in\x18\x06 \x01(\tR\texpiresIn\x12\x1d\n" +
+	"\n" +
+	"cap_period\x18\a \x01(\tR\tcapPeriod\"T\n" +
 	"\x11CreateKeyResponse\x12'\n" +
 	"\x03key\x18\x01 \x01(\v2\x15.keygate.admin.v1.KeyR\x03key\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x1f\n" +
@@ -1041,34 +1112,35 @@ var file_keygate_admin_v1_admin_proto_depIdxs = []int32{
 	15, // 1: keygate.admin.v1.Key.created_at:type_name -> google.protobuf.Timestamp
 	15, // 2: keygate.admin.v1.Key.expires_at:type_name -> google.protobuf.Timestamp
 	15, // 3: keygate.admin.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
-	0,  // 4: keygate.admin.v1.ListAccountsResponse.accounts:type_name -> keygate.admin.v1.Account
-	1,  // 5: keygate.admin.v1.CreateKeyResponse.key:type_name -> keygate.admin.v1.Key
-	1,  // 6: keygate.admin.v1.ListKeysResponse.keys:type_name -> keygate.admin.v1.Key
-	1,  // 7: keygate.admin.v1.RotateKeyResponse.key:type_name -> keygate.admin.v1.Key
-	1,  // 8: keygate.admin.v1.RotateKeyResponse.old_key:type_name -> keygate.admin.v1.Key
-	2,  // 9: keygate.admin.v1.Admin.CreateAccount:input_type -> keygate.admin.v1.CreateAccountRequest
-	3,  // 10: keygate.admin.v1.Admin.GetAccount:input_type -> keygate.admin.v1.GetAccountRequest
-	4,  // 11: keygate.admin.v1.Admin.CreditAccount:input_type -> keygate.admin.v1.CreditAccountRequest
-	5,  // 12: keygate.admin.v1.Admin.ListAccounts:input_type -> keygate.admin.v1.ListAccountsRequest
-	7,  // 13: keygate.admin.v1.Admin.CreateKey:input_type -> keygate.admin.v1.CreateKeyRequest
-	9,  // 14: keygate.admin.v1.Admin.GetKey:input_type -> keygate.admin.v1.GetKeyRequest
-	10, // 15: keygate.admin.v1.Admin.ListKeys:input_type -> keygate.admin.v1.ListKeysRequest
-	12, // 16: keygate.admin.v1.Admin.RevokeKey:input_type -> keygate.admin.v1.RevokeKeyRequest
-	13, // 17: keygate.admin.v1.Admin.RotateKey:input_type -> keygate.admin.v1.RotateKeyRequest
-	0,  // 18: keygate.admin.v1.Admin.CreateAccount:output_type -> keygate.admin.v1.Account
-	0,  // 19: keygate.admin.v1.Admin.GetAccount:output_type -> keygate.admin.v1.Account
-	0,  // 20: keygate.admin.v1.Admin.CreditAccount:output_type -> keygate.admin.v1.Account
-	6,  // 21: keygate.admin.v1.Admin.ListAccounts:output_type -> keygate.admin.v1.ListAccountsResponse
-	8,  // 22: keygate.admin.v1.Admin.CreateKey:output_type -> keygate.admin.v1.CreateKeyResponse
-	1,  // 23: keygate.admin.v1.Admin.GetKey:output_type -> keygate.admin.v1.Key
-	11, // 24: keygate.admin.v1.Admin.ListKeys:output_type -> keygate.admin.v1.ListKeysResponse
-	1,  // 25: keygate.admin.v1.Admin.RevokeKey:output_type -> keygate.admin.v1.Key
-	14, // 26: keygate.admin.v1.Admin.RotateKey:output_type -> keygate.admin.v1.RotateKeyResponse
-	18, // [18:27] is the sub-list for method output_type
-	9,  // [9:18] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	15, // 4: keygate.admin.v1.Key.period_resets_at:type_name -> google.protobuf.Timestamp
+	0,  // 5: keygate.admin.v1.ListAccountsResponse.accounts:type_name -> keygate.admin.v1.Account
+	1,  // 6: keygate.admin.v1.CreateKeyResponse.key:type_name -> keygate.admin.v1.Key
+	1,  // 7: keygate.admin.v1.ListKeysResponse.keys:type_name -> keygate.admin.v1.Key
+	1,  // 8: keygate.admin.v1.RotateKeyResponse.key:type_name -> keygate.admin.v1.Key
+	1,  // 9: keygate.admin.v1.RotateKeyResponse.old_key:type_name -> keygate.admin.v1.Key
+	2,  // 10: keygate.admin.v1.Admin.CreateAccount:input_type -> keygate.admin.v1.CreateAccountRequest
+	3,  // 11: keygate.admin.v1.Admin.GetAccount:input_type -> keygate.admin.v1.GetAccountRequest
+	4,  // 12: keygate.admin.v1.Admin.CreditAccount:input_type -> keygate.admin.v1.CreditAccountRequest
+	5,  // 13: keygate.admin.v1.Admin.ListAccounts:input_type -> keygate.admin.v1.ListAccountsRequest
+	7,  // 14: keygate.admin.v1.Admin.CreateKey:input_type -> keygate.admin.v1.CreateKeyRequest
+	9,  // 15: keygate.admin.v1.Admin.GetKey:input_type -> keygate.admin.v1.GetKeyRequest
+	10, // 16: keygate.admin.v1.Admin.ListKeys:input_type -> keygate.admin.v1.ListKeysRequest
+	12, // 17: keygate.admin.v1.Admin.RevokeKey:input_type -> keygate.admin.v1.RevokeKeyRequest
+	13, // 18: keygate.admin.v1.Admin.RotateKey:input_type -> keygate.admin.v1.RotateKeyRequest
+	0,  // 19: keygate.admin.v1.Admin.CreateAccount:output_type -> keygate.admin.v1.Account
+	0,  // 20: keygate.admin.v1.Admin.GetAccount:output_type -> keygate.admin.v1.Account
+	0,  // 21: keygate.admin.v1.Admin.CreditAccount:output_type -> keygate.admin.v1.Account
+	6,  // 22: keygate.admin.v1.Admin.ListAccounts:output_type -> keygate.admin.v1.ListAccountsResponse
+	8,  // 23: keygate.admin.v1.Admin.CreateKey:output_type -> keygate.admin.v1.CreateKeyResponse
+	1,  // 24: keygate.admin.v1.Admin.GetKey:output_type -> keygate.admin.v1.Key
+	11, // 25: keygate.admin.v1.Admin.ListKeys:output_type -> keygate.admin.v1.ListKeysResponse
+	1,  // 26: keygate.admin.v1.Admin.RevokeKey:output_type -> keygate.admin.v1.Key
+	14, // 27: keygate.admin.v1.Admin.RotateKey:output_type -> keygate.admin.v1.RotateKeyResponse
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_keygate_admin_v1_admin_proto_init() }
@@ -1076,6 +1148,8 @@ func file_keygate_admin_v1_admin_proto_init() {
 	if File_keygate_admin_v1_admin_proto != nil {
 		return
 	}
+	file_keygate_admin_v1_admin_proto_msgTypes[2].OneofWrappers = []any{}
+	file_keygate_admin_v1_admin_proto_msgTypes[4].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
