@@ -19,6 +19,10 @@ type Spec struct {
 	PathPrefix string
 	Scope      string
 	Price      money.Micros
+	// MaxPrice caps what a request may be charged when the upstream reports
+	// its cost (settlement on response). Zero means Price; otherwise it may
+	// not be below Price.
+	MaxPrice money.Micros
 }
 
 // A Route is a matched route: what the request needs and what it costs.
@@ -26,7 +30,11 @@ type Route struct {
 	Method  string
 	Pattern string // the exact path or the prefix, for messages and metrics
 	Scope   string
-	Price   money.Micros
+	Price   money.Micros // what a Check debits or reserves
+	// MaxPrice is the most a settled request may be charged, a reported cost
+	// being clamped to it; never below Price, and Price unless the route's
+	// spec set it.
+	MaxPrice money.Micros
 }
 
 // Table is an immutable route table. Exact paths win over prefixes; among
@@ -65,6 +73,17 @@ func NewTable(specs []Spec) (*Table, error) {
 		if s.Price > money.Max {
 			return nil, fmt.Errorf("%s.price_usd: above the largest amount, %s", where, money.Max.USD())
 		}
+		maxPrice := s.MaxPrice
+		switch {
+		case maxPrice == 0:
+			maxPrice = s.Price
+		case maxPrice < 0:
+			return nil, fmt.Errorf("%s.max_price_usd: negative", where)
+		case maxPrice < s.Price:
+			return nil, fmt.Errorf("%s.max_price_usd: %s is below the route's price_usd, %s", where, maxPrice.USD(), s.Price.USD())
+		case maxPrice > money.Max:
+			return nil, fmt.Errorf("%s.max_price_usd: above the largest amount, %s", where, money.Max.USD())
+		}
 		field, pattern := "path", s.Path
 		switch {
 		case s.Path != "" && s.PathPrefix != "":
@@ -79,7 +98,7 @@ func NewTable(specs []Spec) (*Table, error) {
 		if clean, ok := CleanPath(pattern); !ok || clean != pattern {
 			return nil, fmt.Errorf("%s.%s: %q is not a clean absolute path: it must start with '/' and have no query, no \".\", \"..\" or empty segment, no backslash and no encoded '/', '.', '\\' or '%%'", where, field, pattern)
 		}
-		r := &Route{Method: m, Pattern: pattern, Scope: s.Scope, Price: s.Price}
+		r := &Route{Method: m, Pattern: pattern, Scope: s.Scope, Price: s.Price, MaxPrice: maxPrice}
 		t.scopes[s.Scope] = true
 		if s.Path != "" {
 			k := routeKey{m, s.Path}

@@ -89,6 +89,41 @@ func TestMatchRoute(t *testing.T) {
 	}
 }
 
+func TestMatchMaxPrice(t *testing.T) {
+	// MaxPrice is carried to the matched route, exact or prefix, and is
+	// the price where the spec leaves it out.
+	tbl, err := NewTable([]Spec{
+		{Method: "POST", Path: "/v1/chat/completions", Scope: "chat:write", Price: 2000, MaxPrice: 50_000},
+		{Method: "POST", PathPrefix: "/v1/batch/", Scope: "batch:write", Price: 100, MaxPrice: 100},
+		{Method: "POST", Path: "/v1/embeddings", Scope: "embeddings:write", Price: 100},
+		{Method: "GET", PathPrefix: "/v1/", Scope: "v1:read"},
+		{Method: "POST", Path: "/v1/metered", Scope: "metered:write", MaxPrice: 7},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		method, path       string
+		wantPrice, wantMax money.Micros
+	}{
+		{"POST", "/v1/chat/completions", 2000, 50_000},
+		{"POST", "/v1/batch/run", 100, 100},
+		{"POST", "/v1/embeddings", 100, 100},
+		{"GET", "/v1/anything", 0, 0},
+		{"POST", "/v1/metered", 0, 7}, // a free Check whose settled cost may reach 7
+	}
+	for _, tt := range tests {
+		r, ok := tbl.Match(tt.method, tt.path)
+		if !ok {
+			t.Errorf("Match(%s %s): no route", tt.method, tt.path)
+			continue
+		}
+		if r.Price != tt.wantPrice || r.MaxPrice != tt.wantMax {
+			t.Errorf("Match(%s %s) = price %d max %d, want %d %d", tt.method, tt.path, r.Price, r.MaxPrice, tt.wantPrice, tt.wantMax)
+		}
+	}
+}
+
 func TestMatchEmptyTable(t *testing.T) {
 	tbl, err := NewTable(nil)
 	if err != nil {
@@ -120,6 +155,9 @@ func TestNewTableErrors(t *testing.T) {
 		{"scope with space", []Spec{{Method: "GET", Path: "/x", Scope: "a b"}}, `routes[0].scope: "a b" contains a space, a comma or a control character`},
 		{"negative price", []Spec{{Method: "GET", Path: "/x", Scope: "s", Price: -1}}, `routes[0].price_usd: negative`},
 		{"huge price", []Spec{{Method: "GET", Path: "/x", Scope: "s", Price: money.Max + 1}}, `routes[0].price_usd: above the largest amount, 4611686018427.387903`},
+		{"negative max price", []Spec{{Method: "GET", Path: "/x", Scope: "s", Price: 5, MaxPrice: -1}}, `routes[0].max_price_usd: negative`},
+		{"max price below price", []Spec{ok, {Method: "GET", Path: "/x", Scope: "s", Price: 2000, MaxPrice: 1999}}, `routes[1].max_price_usd: 0.001999 is below the route's price_usd, 0.002`},
+		{"huge max price", []Spec{{Method: "GET", Path: "/x", Scope: "s", Price: 5, MaxPrice: money.Max + 1}}, `routes[0].max_price_usd: above the largest amount, 4611686018427.387903`},
 		{"path and prefix", []Spec{{Method: "GET", Path: "/x", PathPrefix: "/x/", Scope: "s"}}, `routes[0]: set path or path_prefix, not both`},
 		{"neither path nor prefix", []Spec{{Method: "GET", Scope: "s"}}, `routes[0]: path or path_prefix is required`},
 		{"relative path", []Spec{{Method: "GET", Path: "v1/x", Scope: "s"}}, `routes[0].path: "v1/x" ` + unclean},

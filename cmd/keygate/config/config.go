@@ -8,10 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
@@ -28,6 +31,37 @@ const (
 	DefaultHTTPListen  = "127.0.0.1:9190"
 )
 
+// Settlement bounds. A reservation holds the customer's money until its
+// access-log entry settles it, which takes seconds; a timeout beyond a month
+// is a typo (3000h for 30m), not a policy.
+const (
+	DefaultSettleTimeout = 5 * time.Minute
+	MaxSettleTimeout     = 30 * 24 * time.Hour
+)
+
+// DefaultAlertThresholds returns the fractions of a key's spend cap at which
+// alerts fire when the config names none: keystore.DefaultAlertThresholds
+// (a test keeps them equal). A copy here, not an import, because this
+// package is also built by modules (k8s) that do not carry the store's
+// dependencies; a function, so that no caller can change them for the rest.
+func DefaultAlertThresholds() []float64 { return []float64{0.5, 0.8, 1.0} }
+
+// EnvAlertsSecret names the environment variable that, when set, overrides
+// alerts.secret, so that the signing key can come from a Secret rather than
+// sit in the config file (a ConfigMap). Load reads it; Parse does not.
+const EnvAlertsSecret = "KEYGATE_ALERTS_SECRET"
+
+// SettleMode is when a request's price is charged.
+type SettleMode string
+
+const (
+	// SettleOnCheck debits the price when the Check allows the request.
+	SettleOnCheck SettleMode = "on_check"
+	// SettleOnResponse reserves the price at Check and settles it from
+	// Envoy's access log: a 2xx response is charged, anything else is not.
+	SettleOnResponse SettleMode = "on_response"
+)
+
 // File is the config file as written. Every field is optional; Parse fills
 // defaults and validates.
 type File struct {
@@ -40,6 +74,30 @@ type File struct {
 	Tiers       map[string]Tier `yaml:"tiers"`
 	DefaultTier string          `yaml:"default_tier"`
 	Routes      []Route         `yaml:"routes"`
+	// Settle is on_check (the default) or on_response.
+	Settle SettleMode `yaml:"settle"`
+	// SettleTimeout is the duration after its Check at which a reservation
+	// whose access-log entry never came is charged at the route's price
+	// (default 5m). Config.SettleTimeout holds it parsed.
+	SettleTimeout string `yaml:"settle_timeout"`
+	Alerts        Alerts `yaml:"alerts"`
+}
+
+// Alerts is where spend alerts go and when keys' alerts fire. After Parse
+// the thresholds are sorted and defaulted; after Load the secret is the
+// environment's when KEYGATE_ALERTS_SECRET is set.
+type Alerts struct {
+	// WebhookURL receives each alert as a JSON POST: an absolute http or
+	// https URL. Empty: alerts go to the log and metrics only.
+	WebhookURL string `yaml:"webhook_url"`
+	// Thresholds are fractions of a key's spend cap, in (0, 1], at which a
+	// key_spend alert fires; ascending, without duplicates. Omitted:
+	// DefaultAlertThresholds(). An empty list (not nil after Parse)
+	// means no key alerts at all.
+	Thresholds []float64 `yaml:"thresholds"`
+	// Secret, when set, signs each delivery (x-keygate-signature,
+	// HMAC-SHA256 of the body).
+	Secret string `yaml:"secret"`
 }
 
 // Tier is an account tier: the rate limit of keys that have none of their own.
@@ -54,6 +112,10 @@ type Route struct {
 	PathPrefix string `yaml:"path_prefix"`
 	Scope      string `yaml:"scope"`
 	PriceUSD   string `yaml:"price_usd"`
+	// MaxPriceUSD caps the cost an upstream may report for a request
+	// settled on response; only with price_usd, never below it, and
+	// price_usd when omitted.
+	MaxPriceUSD string `yaml:"max_price_usd"`
 }
 
 // Config is a validated configuration.
@@ -61,6 +123,8 @@ type Config struct {
 	File                             // as written, with defaults filled in
 	Routes *route.Table              // built from File.Routes
 	Tiers  map[string]ratelimit.Rate // parsed File.Tiers
+	// SettleTimeout is File.SettleTimeout parsed: in (0, MaxSettleTimeout].
+	SettleTimeout time.Duration
 	// BuiltIn is true when no file was given and the example config is in use.
 	BuiltIn bool
 }
@@ -79,8 +143,33 @@ routes:
 `
 
 // Load reads and validates the file at path; an empty path gives the built-in
-// example.
+// example. Settings the environment overrides (EnvAlertsSecret) are read
+// from the process's environment.
 func Load(path string) (*Config, error) {
+	return LoadEnv(path, os.Getenv)
+}
+
+// LoadEnv is Load reading the environment through getenv (nil: an empty
+// environment), so that callers and tests can supply it without touching the
+// process's own.
+func LoadEnv(path string, getenv func(string) string) (*Config, error) {
+	c, err := loadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if getenv == nil {
+		return c, nil
+	}
+	if secret := getenv(EnvAlertsSecret); secret != "" {
+		if err := checkSecret(secret); err != nil {
+			return nil, fmt.Errorf("%s: %w", EnvAlertsSecret, err)
+		}
+		c.Alerts.Secret = secret
+	}
+	return c, nil
+}
+
+func loadFile(path string) (*Config, error) {
 	if path == "" {
 		c, err := Parse([]byte(Example))
 		if err != nil {
@@ -174,13 +263,27 @@ func checkNode(n *yaml.Node, t reflect.Type, path string) error {
 			return fmt.Errorf("%s: want a list (line %d)", where, n.Line)
 		}
 		for i, c := range n.Content {
-			if err := checkNode(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+			at := fmt.Sprintf("%s[%d]", path, i)
+			if c.Kind == yaml.ScalarNode && c.Tag == "!!null" {
+				// The decoder drops a null entry, which would shift the
+				// index of every later one (and make [~] an empty list).
+				return fmt.Errorf("%s: empty list entry (line %d)", at, c.Line)
+			}
+			if err := checkNode(c, t.Elem(), at); err != nil {
 				return err
 			}
 		}
 	case reflect.String:
 		if n.Kind != yaml.ScalarNode {
 			return fmt.Errorf("%s: want a single value, not a list or mapping (line %d)", where, n.Line)
+		}
+	case reflect.Float64:
+		if n.Kind != yaml.ScalarNode {
+			return fmt.Errorf("%s: want a number, not a list or mapping (line %d)", where, n.Line)
+		}
+		var f float64
+		if err := n.Decode(&f); err != nil {
+			return fmt.Errorf("%s: %q is not a number, like 0.8 (line %d)", where, n.Value, n.Line)
 		}
 	}
 	return nil
@@ -224,6 +327,8 @@ func build(f File) (*Config, error) {
 	setDefault(&f.HTTPListen, DefaultHTTPListen)
 	setDefault(&f.LogLevel, "info")
 	setDefault(&f.LogFormat, "json")
+	setDefault((*string)(&f.Settle), string(SettleOnCheck))
+	setDefault(&f.SettleTimeout, "5m") // DefaultSettleTimeout
 	switch f.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
@@ -235,7 +340,27 @@ func build(f File) (*Config, error) {
 		return nil, fmt.Errorf("log_format: %q is not json or console", f.LogFormat)
 	}
 
-	c := &Config{File: f, Tiers: map[string]ratelimit.Rate{}}
+	switch f.Settle {
+	case SettleOnCheck, SettleOnResponse:
+	default:
+		return nil, fmt.Errorf("settle: %q is not on_check or on_response", f.Settle)
+	}
+	settleTimeout, err := ParseDuration(f.SettleTimeout)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("settle_timeout: %w", err)
+	case settleTimeout == 0:
+		return nil, errors.New("settle_timeout: must be more than 0: a reservation needs time for its access-log entry to arrive")
+	case settleTimeout > MaxSettleTimeout:
+		return nil, fmt.Errorf("settle_timeout: %q is longer than 30d, the most keygate accepts: a reservation holds the customer's money until it settles", f.SettleTimeout)
+	}
+	alerts, err := buildAlerts(f.Alerts)
+	if err != nil {
+		return nil, err
+	}
+	f.Alerts = alerts
+
+	c := &Config{File: f, Tiers: map[string]ratelimit.Rate{}, SettleTimeout: settleTimeout}
 	names := make([]string, 0, len(f.Tiers))
 	for name := range f.Tiers {
 		names = append(names, name)
@@ -264,7 +389,7 @@ func build(f File) (*Config, error) {
 
 	specs := make([]route.Spec, len(f.Routes))
 	for i, r := range f.Routes {
-		var price money.Micros
+		var price, maxPrice money.Micros
 		if r.PriceUSD != "" {
 			p, err := money.ParseUSD(r.PriceUSD)
 			if err != nil {
@@ -272,7 +397,22 @@ func build(f File) (*Config, error) {
 			}
 			price = p
 		}
-		specs[i] = route.Spec{Method: r.Method, Path: r.Path, PathPrefix: r.PathPrefix, Scope: r.Scope, Price: price}
+		if r.MaxPriceUSD != "" {
+			if price == 0 {
+				return nil, fmt.Errorf("routes[%d].max_price_usd: set on a route without a price_usd above 0; only a priced route is charged, and its price_usd is what a Check reserves", i)
+			}
+			p, err := money.ParseUSD(r.MaxPriceUSD)
+			if err != nil {
+				return nil, fmt.Errorf("routes[%d].max_price_usd: %w", i, err)
+			}
+			// Checked here too, since the route table reads a zero
+			// MaxPrice as "not set" and would let max_price_usd: 0 pass.
+			if p < price {
+				return nil, fmt.Errorf("routes[%d].max_price_usd: %s is below the route's price_usd, %s", i, p.USD(), price.USD())
+			}
+			maxPrice = p
+		}
+		specs[i] = route.Spec{Method: r.Method, Path: r.Path, PathPrefix: r.PathPrefix, Scope: r.Scope, Price: price, MaxPrice: maxPrice}
 	}
 	t, err := route.NewTable(specs)
 	if err != nil {
@@ -280,6 +420,67 @@ func build(f File) (*Config, error) {
 	}
 	c.Routes = t
 	return c, nil
+}
+
+// buildAlerts validates alerts and fills in its default thresholds.
+func buildAlerts(a Alerts) (Alerts, error) {
+	if a.WebhookURL != "" {
+		if err := checkWebhookURL(a.WebhookURL); err != nil {
+			return Alerts{}, fmt.Errorf("alerts.webhook_url: %w", err)
+		}
+	}
+	if a.Secret != "" {
+		if a.WebhookURL == "" {
+			return Alerts{}, errors.New("alerts.secret: set without alerts.webhook_url; it signs webhook deliveries")
+		}
+		if err := checkSecret(a.Secret); err != nil {
+			return Alerts{}, fmt.Errorf("alerts.secret: %w", err)
+		}
+	}
+	if a.Thresholds == nil {
+		a.Thresholds = DefaultAlertThresholds()
+		return a, nil
+	}
+	seen := make(map[float64]int, len(a.Thresholds))
+	for i, t := range a.Thresholds {
+		if !(t > 0 && t <= 1) { // also refuses NaN
+			return Alerts{}, fmt.Errorf("alerts.thresholds[%d]: %v is not a fraction of the spend cap in (0, 1], like 0.8 for 80%%", i, t)
+		}
+		if j, dup := seen[t]; dup {
+			return Alerts{}, fmt.Errorf("alerts.thresholds[%d]: %v is listed twice (also thresholds[%d])", i, t, j)
+		}
+		seen[t] = i
+	}
+	a.Thresholds = slices.Clone(a.Thresholds) // not nil: an empty list means none
+	slices.Sort(a.Thresholds)
+	return a, nil
+}
+
+// checkWebhookURL accepts an absolute http or https URL with a host. Its
+// errors show the URL without a password.
+func checkWebhookURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err // url.Error repeats the URL, password and all
+		}
+		return fmt.Errorf("not a URL: %w", err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Opaque != "" || u.Hostname() == "" {
+		return fmt.Errorf("%q is not an absolute http or https URL, like https://hooks.example.com/keygate", u.Redacted())
+	}
+	return nil
+}
+
+// checkSecret refuses a signing key with surrounding white space: most often
+// the final newline of the file it was read from, which would make every
+// signature differ from the receiver's. Its errors never show the secret.
+func checkSecret(s string) error {
+	if strings.TrimSpace(s) != s {
+		return errors.New("has leading or trailing white space (a file's final newline?); signatures made with it would not match the receiver's")
+	}
+	return nil
 }
 
 func setDefault(s *string, v string) {
