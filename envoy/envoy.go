@@ -8,6 +8,8 @@
 // which the generated ValidateAll does not enter. Verify then checks what
 // Envoy cannot know: that no request reaches an upstream without passing
 // keygate's ext_authz check, and that the check fails closed.
+// VerifySettlement also checks that Envoy streams keygate the access log it
+// settles spend from (settle: on_response).
 package envoy
 
 import (
@@ -22,6 +24,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	alsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -37,13 +40,12 @@ import (
 	// that is not linked is an error in ParseBootstrap, as in an Envoy
 	// built without that extension.
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
-	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
 )
 
-// Sentinel errors. ParseBootstrap's errors wrap ErrInvalid, Verify's wrap
-// ErrUnprotected.
+// Sentinel errors. ParseBootstrap's errors wrap ErrInvalid; Verify's and
+// VerifySettlement's wrap ErrUnprotected or ErrUnsettled.
 var (
 	// ErrInvalid means Envoy would refuse the configuration.
 	ErrInvalid = errors.New("invalid Envoy bootstrap")
@@ -51,7 +53,15 @@ var (
 	// request could reach an upstream without keygate's decision, or keygate
 	// failing would let requests through.
 	ErrUnprotected = errors.New("envoy config does not put keygate in front of the API")
+	// ErrUnsettled means requests that keygate reserves spend for could be
+	// charged wrongly: their access-log entries would not all reach keygate
+	// whole, or their request ids could be chosen by clients.
+	ErrUnsettled = errors.New("envoy config does not let keygate settle spend after the response")
 )
+
+// costHeader is the response header an upstream reports a request's cost in
+// (settle.CostHeader; this package stays free of keygate's server code).
+const costHeader = "x-keygate-cost-usd"
 
 // ParseBootstrap decodes a YAML (or JSON) Envoy bootstrap strictly and
 // validates it: an unknown or misspelled field, a duplicate key, a
@@ -143,8 +153,30 @@ func validateTyped(m protoreflect.Message, path string) error {
 // and generate its own request ids. Raw TCP proxying, routes from RDS and
 // dynamic resources are refused: their routes cannot be seen here. At least
 // one route must be protected. Every problem found is reported, joined.
+//
+// An HTTP gRPC access logger that sends to keygate (settle: on_response) must
+// deliver every entry (no filter), over transport V3 and HTTP/2, with the
+// x-keygate-cost-usd response header logged; there is at most one per
+// connection manager. VerifySettlement also requires one.
 func Verify(b *bootstrapv3.Bootstrap, authzAddr string) error {
-	v := verifier{authzAddr: authzAddr, clusters: map[string]*clusterv3.Cluster{}}
+	return verify(b, authzAddr, false)
+}
+
+// VerifySettlement is Verify for a keygate that settles after the response
+// (settle: on_response): every connection manager that Verify checks must
+// also send keygate its access log, and give keygate request ids that no
+// client chose: Envoy sees each client's own address (use_remote_address),
+// treats no address as internal, and sends no route through an internal
+// redirect, which would be checked again under the same id.
+func VerifySettlement(b *bootstrapv3.Bootstrap, authzAddr string) error {
+	return verify(b, authzAddr, true)
+}
+
+func verify(b *bootstrapv3.Bootstrap, authzAddr string, settle bool) error {
+	v := verifier{
+		authzAddr: authzAddr, settle: settle,
+		clusters: map[string]*clusterv3.Cluster{}, checked: map[string]bool{},
+	}
 	if b.GetDynamicResources() != nil {
 		v.fail("bootstrap", "dynamic_resources cannot be verified: ship static listeners and clusters")
 	}
@@ -171,13 +203,19 @@ func Verify(b *bootstrapv3.Bootstrap, authzAddr string) error {
 
 type verifier struct {
 	authzAddr string
+	settle    bool // VerifySettlement
 	clusters  map[string]*clusterv3.Cluster
-	protected int // routes that forward through ext_authz
+	checked   map[string]bool // keygate clusters already checked by authzCluster
+	protected int             // routes that forward through ext_authz
 	errs      []error
 }
 
 func (v *verifier) fail(where, format string, args ...any) {
 	v.errs = append(v.errs, fmt.Errorf("%w: %s: %s", ErrUnprotected, where, fmt.Sprintf(format, args...)))
+}
+
+func (v *verifier) unsettled(where, format string, args ...any) {
+	v.errs = append(v.errs, fmt.Errorf("%w: %s: %s", ErrUnsettled, where, fmt.Sprintf(format, args...)))
 }
 
 func (v *verifier) networkFilter(where string, tc *anypb.Any) {
@@ -254,6 +292,67 @@ func (v *verifier) connectionManager(where string, hcm *hcmv3.HttpConnectionMana
 		v.fail(where, "preserve_external_request_id lets a client choose the request id")
 	}
 	v.protected += forwards
+	v.accessLogs(where, hcm)
+}
+
+// accessLogs checks the HTTP gRPC access loggers of hcm that send to keygate,
+// which settles reservations from them, and, for VerifySettlement, that
+// there is one and that the request ids it carries are Envoy's own.
+func (v *verifier) accessLogs(where string, hcm *hcmv3.HttpConnectionManager) {
+	n := 0
+	for i, al := range hcm.GetAccessLog() {
+		var als alsv3.HttpGrpcAccessLogConfig
+		tc := al.GetTypedConfig()
+		if !tc.MessageIs(&als) {
+			continue
+		}
+		lwhere := fmt.Sprintf("%s access_log[%d]", where, i)
+		if err := tc.UnmarshalTo(&als); err != nil {
+			v.unsettled(lwhere, "%v", err)
+			continue
+		}
+		cc := als.GetCommonConfig()
+		name := cc.GetGrpcService().GetEnvoyGrpc().GetClusterName()
+		if !v.isAuthzCluster(name) {
+			continue // a log for someone else
+		}
+		if n++; n == 2 {
+			v.unsettled(lwhere, "a second access logger to keygate: one is enough, each entry would be sent twice")
+		}
+		if al.GetFilter() != nil {
+			v.unsettled(lwhere, "a filter keeps entries from keygate: their reservations are charged at the route's price when settle_timeout passes, failed requests included")
+		}
+		if cc.GetTransportApiVersion() != corev3.ApiVersion_V3 {
+			v.unsettled(lwhere, "transport_api_version is %v, want V3", cc.GetTransportApiVersion())
+		}
+		if !slices.ContainsFunc(als.GetAdditionalResponseHeadersToLog(), func(h string) bool { return strings.EqualFold(h, costHeader) }) {
+			v.unsettled(lwhere, "additional_response_headers_to_log does not list %s: every request would be charged the route's price, never the cost the API reports", costHeader)
+		}
+		if !v.checked[name] {
+			v.checked[name] = true
+			v.authzCluster(fmt.Sprintf("cluster %q", name), v.clusters[name], v.unsettled)
+		}
+	}
+	if !v.settle {
+		return
+	}
+	if n == 0 {
+		v.unsettled(where, "no envoy.access_loggers.http_grpc sends keygate's cluster the access log: no reservation would settle before settle_timeout, and every request, failed or not, would be charged the route's price")
+	}
+	if !hcm.GetUseRemoteAddress().GetValue() {
+		v.unsettled(where, "use_remote_address is not true: Envoy then takes no request for an edge request and keeps the x-request-id each client sends")
+	}
+	if iac := hcm.GetInternalAddressConfig(); len(iac.GetCidrRanges()) > 0 || iac.GetUnixSockets() {
+		v.unsettled(where, "internal_address_config: requests from internal addresses keep the x-request-id they carry")
+	}
+	for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+		for i, r := range vh.GetRoutes() {
+			if r.GetRoute().GetInternalRedirectPolicy() != nil {
+				v.unsettled(fmt.Sprintf("%s virtual_host %q routes[%d]", where, vh.GetName(), i),
+					"internal_redirect_policy: the redirected request is checked again under the same x-request-id, which still holds a reservation")
+			}
+		}
+	}
 }
 
 // forwardingRoutes counts the routes of rc that forward to a cluster, and
@@ -357,37 +456,41 @@ func (v *verifier) extAuthz(where string, ea *extauthzv3.ExtAuthz) {
 		v.fail(where, "cluster %q is not defined", name)
 		return
 	}
-	v.authzCluster(fmt.Sprintf("cluster %q", name), c)
+	if !v.checked[name] {
+		v.checked[name] = true
+		v.authzCluster(fmt.Sprintf("cluster %q", name), c, v.fail)
+	}
 }
 
-func (v *verifier) authzCluster(where string, c *clusterv3.Cluster) {
+// authzCluster checks a cluster that reaches keygate, reporting with fail.
+func (v *verifier) authzCluster(where string, c *clusterv3.Cluster, fail func(where, format string, args ...any)) {
 	var opts httpv3.HttpProtocolOptions
 	tc, ok := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
 	switch {
 	case !ok || !tc.MessageIs(&opts):
-		v.fail(where, "no HttpProtocolOptions: gRPC needs HTTP/2")
+		fail(where, "no HttpProtocolOptions: gRPC needs HTTP/2")
 	case tc.UnmarshalTo(&opts) != nil:
-		v.fail(where, "HttpProtocolOptions do not decode")
+		fail(where, "HttpProtocolOptions do not decode")
 	case opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() == nil:
-		v.fail(where, "HttpProtocolOptions do not set explicit_http_config.http2_protocol_options: gRPC needs HTTP/2")
+		fail(where, "HttpProtocolOptions do not set explicit_http_config.http2_protocol_options: gRPC needs HTTP/2")
 	}
 	addrs, err := endpoints(c)
 	if err != nil {
-		v.fail(where, "%v", err)
+		fail(where, "%v", err)
 	}
 	if len(addrs) == 0 {
-		v.fail(where, "no endpoints")
+		fail(where, "no endpoints")
 	}
 	for _, a := range addrs {
 		if a != v.authzAddr {
-			v.fail(where, "endpoint %s is not keygate's address %s", a, v.authzAddr)
+			fail(where, "endpoint %s is not keygate's address %s", a, v.authzAddr)
 		}
 	}
 	if c.GetType() == clusterv3.Cluster_STATIC {
 		for _, a := range addrs {
 			host, _, _ := net.SplitHostPort(a)
 			if net.ParseIP(host) == nil {
-				v.fail(where, "a STATIC cluster needs IP addresses, got %s; use STRICT_DNS", a)
+				fail(where, "a STATIC cluster needs IP addresses, got %s; use STRICT_DNS", a)
 			}
 		}
 	}

@@ -8,11 +8,13 @@ import (
 	"strings"
 	"testing"
 
+	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	alsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
@@ -22,6 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/keygate/keygate/authz/settle"
 	"github.com/keygate/keygate/cmd/keygate/config"
 )
 
@@ -41,8 +44,8 @@ func shipped(t testing.TB) *bootstrapv3.Bootstrap {
 // TestShippedConfig is the contract between envoy.yaml and the keygate binary.
 func TestShippedConfig(t *testing.T) {
 	b := shipped(t)
-	if err := Verify(b, config.DefaultListen); err != nil {
-		t.Fatalf("Verify(envoy.yaml, %s): %v", config.DefaultListen, err)
+	if err := VerifySettlement(b, config.DefaultListen); err != nil {
+		t.Fatalf("VerifySettlement(envoy.yaml, %s): %v", config.DefaultListen, err)
 	}
 
 	// Spelled out beside Verify, so that a change to Verify cannot quietly
@@ -75,6 +78,36 @@ func TestShippedConfig(t *testing.T) {
 	}
 	if got := ea.GetStatusOnError().GetCode(); got != 503 {
 		t.Errorf("status_on_error = %v, want 503", got)
+	}
+
+	// The access log keygate settles from: to the same cluster as the
+	// Checks, every entry, the cost header logged.
+	al, als := accessLog(t, hcm)
+	if al.GetName() != "envoy.access_loggers.http_grpc" || al.GetFilter() != nil {
+		t.Errorf("access log %s with filter %v, want envoy.access_loggers.http_grpc unfiltered", al.GetName(), al.GetFilter())
+	}
+	cc := als.GetCommonConfig()
+	if got := cc.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != ea.GetGrpcService().GetEnvoyGrpc().GetClusterName() {
+		t.Errorf("access log cluster = %q, want ext_authz's", got)
+	}
+	if cc.GetTransportApiVersion() != corev3.ApiVersion_V3 {
+		t.Errorf("access log transport_api_version = %v, want V3", cc.GetTransportApiVersion())
+	}
+	if cc.GetGrpcService().GetTimeout() != nil {
+		t.Error("access log grpc_service has a timeout: the stream is meant to outlive it")
+	}
+	if got := als.GetAdditionalResponseHeadersToLog(); len(got) != 1 || got[0] != settle.CostHeader {
+		t.Errorf("additional_response_headers_to_log = %q, want [%s]", got, settle.CostHeader)
+	}
+	if g := hcm.GetGenerateRequestId(); (g != nil && !g.GetValue()) || hcm.GetPreserveExternalRequestId() || !hcm.GetUseRemoteAddress().GetValue() {
+		t.Error("request ids are not Envoy's own: generate_request_id, preserve_external_request_id or use_remote_address changed")
+	}
+}
+
+// TestCostHeader: Verify looks for the header keygate settles with.
+func TestCostHeader(t *testing.T) {
+	if costHeader != settle.CostHeader {
+		t.Errorf("costHeader = %q, settle.CostHeader = %q", costHeader, settle.CostHeader)
 	}
 }
 
@@ -228,13 +261,93 @@ func TestVerifyRejects(t *testing.T) {
 	}
 }
 
+// TestVerifySettlementRejects breaks the shipped access log and request ids
+// one way at a time. A broken access logger to keygate is an error for
+// Verify too (fromVerify); a missing one, or request ids a client can
+// choose, only for VerifySettlement.
+func TestVerifySettlementRejects(t *testing.T) {
+	tests := []struct {
+		name       string
+		mutate     func(testing.TB, *bootstrapv3.Bootstrap)
+		want       string
+		fromVerify bool
+	}{
+		{"no access log", onHCM(func(h *hcmv3.HttpConnectionManager) { h.AccessLog = h.AccessLog[:1] }), "no envoy.access_loggers.http_grpc", false},
+		{"access log elsewhere", onAccessLog(func(_ *accesslogv3.AccessLog, c *alsv3.HttpGrpcAccessLogConfig) {
+			c.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().ClusterName = "api"
+		}), "no envoy.access_loggers.http_grpc", false},
+		{"cost header not logged", onAccessLog(func(_ *accesslogv3.AccessLog, c *alsv3.HttpGrpcAccessLogConfig) {
+			c.AdditionalResponseHeadersToLog = []string{"x-other"}
+		}), "does not list x-keygate-cost-usd", true},
+		{"filtered", onAccessLog(func(al *accesslogv3.AccessLog, _ *alsv3.HttpGrpcAccessLogConfig) {
+			al.Filter = &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_NotHealthCheckFilter{
+				NotHealthCheckFilter: &accesslogv3.NotHealthCheckFilter{},
+			}}
+		}), "a filter keeps entries from keygate", true},
+		{"transport AUTO", onAccessLog(func(_ *accesslogv3.AccessLog, c *alsv3.HttpGrpcAccessLogConfig) {
+			c.GetCommonConfig().TransportApiVersion = corev3.ApiVersion_AUTO
+		}), "transport_api_version is AUTO", true},
+		{"two access logs to keygate", onHCM(func(h *hcmv3.HttpConnectionManager) {
+			h.AccessLog = append(h.AccessLog, h.AccessLog[1])
+		}), "a second access logger", true},
+		{"access log cluster on HTTP/1", func(t testing.TB, b *bootstrapv3.Bootstrap) {
+			als := proto.Clone(cluster(t, b, "keygate")).(*clusterv3.Cluster)
+			als.Name = "keygate-als"
+			als.TypedExtensionProtocolOptions = nil
+			b.StaticResources.Clusters = append(b.StaticResources.Clusters, als)
+			onAccessLog(func(_ *accesslogv3.AccessLog, c *alsv3.HttpGrpcAccessLogConfig) {
+				c.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().ClusterName = "keygate-als"
+			})(t, b)
+		}, `cluster "keygate-als": no HttpProtocolOptions`, true},
+		{"client addresses from x-forwarded-for", onHCM(func(h *hcmv3.HttpConnectionManager) { h.UseRemoteAddress = nil }), "use_remote_address", false},
+		{"internal addresses", onHCM(func(h *hcmv3.HttpConnectionManager) {
+			h.InternalAddressConfig = &hcmv3.HttpConnectionManager_InternalAddressConfig{
+				CidrRanges: []*corev3.CidrRange{{AddressPrefix: "10.0.0.0", PrefixLen: wrapperspb.UInt32(8)}},
+			}
+		}), "internal_address_config", false},
+		{"internal redirects", onHCM(func(h *hcmv3.HttpConnectionManager) {
+			h.GetRouteConfig().GetVirtualHosts()[0].GetRoutes()[0].GetRoute().InternalRedirectPolicy = &routev3.InternalRedirectPolicy{}
+		}), "internal_redirect_policy", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := shipped(t)
+			tt.mutate(t, b)
+			err := VerifySettlement(b, config.DefaultListen)
+			if !errors.Is(err, ErrUnsettled) {
+				t.Fatalf("VerifySettlement = %v, want ErrUnsettled", err)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("VerifySettlement = %v, want it to mention %q", err, tt.want)
+			}
+			err = Verify(b, config.DefaultListen)
+			if got := errors.Is(err, ErrUnsettled) && strings.Contains(err.Error(), tt.want); got != tt.fromVerify {
+				t.Errorf("Verify = %v; reports it: %v, want %v", err, got, tt.fromVerify)
+			}
+			if errors.Is(err, ErrUnprotected) {
+				t.Errorf("Verify = %v: a settlement problem reported as unprotected", err)
+			}
+		})
+	}
+}
+
+// TestVerifyWithoutSettlement: a config with no access log to keygate, as
+// for settle: on_check, passes Verify.
+func TestVerifyWithoutSettlement(t *testing.T) {
+	b := shipped(t)
+	onHCM(func(h *hcmv3.HttpConnectionManager) { h.AccessLog = h.AccessLog[:1] })(t, b)
+	if err := Verify(b, config.DefaultListen); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestVerifyAcceptsDNS: a gateway reaches keygate by its Service name.
 func TestVerifyAcceptsDNS(t *testing.T) {
 	b := shipped(t)
 	c := cluster(t, b, "keygate")
 	c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STRICT_DNS}
 	socket(c).Address = "keygate.keygate.svc.cluster.local"
-	if err := Verify(b, "keygate.keygate.svc.cluster.local:9191"); err != nil {
+	if err := VerifySettlement(b, "keygate.keygate.svc.cluster.local:9191"); err != nil {
 		t.Fatal(err)
 	}
 	if err := Verify(b, config.DefaultListen); err == nil {
@@ -256,6 +369,7 @@ func FuzzParseBootstrap(f *testing.F) {
 			return
 		}
 		_ = Verify(b, config.DefaultListen)
+		_ = VerifySettlement(b, config.DefaultListen)
 		js, err := protojson.Marshal(b)
 		if err != nil {
 			t.Fatalf("accepted bootstrap does not encode: %v", err)
@@ -321,6 +435,33 @@ func onHCM(edit func(*hcmv3.HttpConnectionManager)) func(testing.TB, *bootstrapv
 				l.GetFilterChains()[0].GetFilters()[0].ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(hcm)}
 			}
 		}
+	}
+}
+
+// accessLog decodes the http_grpc access logger of hcm.
+func accessLog(t testing.TB, hcm *hcmv3.HttpConnectionManager) (*accesslogv3.AccessLog, *alsv3.HttpGrpcAccessLogConfig) {
+	t.Helper()
+	for _, al := range hcm.GetAccessLog() {
+		var als alsv3.HttpGrpcAccessLogConfig
+		if al.GetTypedConfig().MessageIs(&als) {
+			if err := al.GetTypedConfig().UnmarshalTo(&als); err != nil {
+				t.Fatal(err)
+			}
+			return al, &als
+		}
+	}
+	t.Fatal("no http_grpc access log")
+	return nil, nil
+}
+
+// onAccessLog edits the api listener's http_grpc access logger in place.
+func onAccessLog(edit func(*accesslogv3.AccessLog, *alsv3.HttpGrpcAccessLogConfig)) func(testing.TB, *bootstrapv3.Bootstrap) {
+	return func(t testing.TB, b *bootstrapv3.Bootstrap) {
+		onHCM(func(hcm *hcmv3.HttpConnectionManager) {
+			al, als := accessLog(t, hcm)
+			edit(al, als)
+			al.ConfigType = &accesslogv3.AccessLog_TypedConfig{TypedConfig: mustAny(als)}
+		})(t, b)
 	}
 }
 

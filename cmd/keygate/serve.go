@@ -29,9 +29,11 @@ import (
 
 	"github.com/keygate/keygate/authz"
 	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/authz/settle"
 	"github.com/keygate/keygate/cmd/keygate/config"
 	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/admin"
+	"github.com/keygate/keygate/keystore/alert"
 	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
 )
 
@@ -110,7 +112,16 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	opts := keystore.Options{Log: log.Named("keystore"), Metrics: reg}
+	// The store hands each flush's alerts to the notifier, which needs the
+	// store as its outbox: the callback reaches the notifier made below
+	// (the store raises no alert before Run and Close, which come later).
+	var notifier *alert.Notifier
+	opts := keystore.Options{
+		Log: log.Named("keystore"), Metrics: reg,
+		AlertThresholds: cfg.Alerts.Thresholds,
+		Outbox:          cfg.Alerts.WebhookURL != "",
+		OnAlert:         func(a []keystore.Alert) { notifier.Notify(a) },
+	}
 	// A benchmark knob, not a setting: the design promises a flush at least
 	// once a second, which only the default keeps. The load benchmark uses
 	// it to build up a large flush on purpose.
@@ -133,11 +144,26 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		}
 	}()
 
+	notifier, err = alert.New(alert.Config{
+		URL: cfg.Alerts.WebhookURL, Secret: cfg.Alerts.Secret, Outbox: store,
+		Log: log.Named("alerts"), Metrics: reg,
+	})
+	if err != nil {
+		return err
+	}
+
 	limiter := ratelimit.NewLimiter()
 	az, err := authz.New(authz.Config{
 		Keys: store, Routes: cfg.Routes, Limiter: limiter, TierRate: cfg.TierRate,
 		Log: log.Named("authz"), Metrics: reg,
+		OnResponse: cfg.Settle == config.SettleOnResponse, SettleTimeout: cfg.SettleTimeout,
 	})
+	if err != nil {
+		return err
+	}
+	// The access-log service is served in both modes: in on_check mode no
+	// request holds a reservation, and entries are ignored as unknown.
+	als, err := settle.New(settle.Config{Ledger: store, Log: log.Named("settle"), Metrics: reg})
 	if err != nil {
 		return err
 	}
@@ -161,6 +187,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	}
 
 	checkSrv := authz.NewGRPCServer(az, grpc.ChainUnaryInterceptor(recoverUnary(log)))
+	als.Register(checkSrv)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(checkSrv, hs)
 	hs.SetServingStatus(authv3.Authorization_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -198,7 +225,8 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		zap.String("version", version), zap.String("db", cfg.DB),
 		zap.String("listen", checkLis.Addr().String()), zap.String("admin_listen", adminLis.Addr().String()),
 		zap.String("http_listen", httpLis.Addr().String()),
-		zap.Strings("scopes", cfg.Routes.Scopes()))
+		zap.Strings("scopes", cfg.Routes.Scopes()),
+		zap.String("settle", string(cfg.Settle)), zap.Bool("alert_webhook", cfg.Alerts.WebhookURL != ""))
 	ready.Store(true)
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -211,6 +239,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		return nil
 	})
 	g.Go(func() error { return store.Run(gctx) })
+	g.Go(func() error { return notifier.Run(gctx) })
 	g.Go(func() error { sweep(gctx, limiter); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
@@ -218,6 +247,10 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		ready.Store(false)
 		hs.Shutdown() // grpc health reports NOT_SERVING first
 		adminSrv.GracefulStop()
+		// Access-log streams never end on their own: they are closed, and
+		// what Envoy still sends waits for the next keygate (reservations
+		// are written by the final flush, and expire if never settled).
+		als.Close()
 		drain(checkSrv, drainTimeout) // in-flight Checks finish and may still debit...
 		shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
