@@ -39,7 +39,7 @@ type metrics struct {
 type debitStripe struct {
 	n, micros         atomic.Int64
 	reserved, rmicros atomic.Int64
-	_         [48]byte // a cache line each
+	_                 [48]byte // a cache line each
 }
 
 func (m *metrics) sum(f func(*debitStripe) int64) float64 {

@@ -322,9 +322,9 @@ func (s *Store) keyInfoLocked(e *keyEntry) KeyInfo {
 		CapPeriod:      e.capPeriod,
 		PeriodResetsAt: e.capPeriod.resetsAt(now),
 		CreatedAt:      fromNanos(e.createdAt),
-		ExpiresAt: fromNanos(k.expiresAt),
-		RevokedAt: fromNanos(k.revokedAt),
-		RotatedTo: e.rotatedTo,
+		ExpiresAt:      fromNanos(k.expiresAt),
+		RevokedAt:      fromNanos(k.revokedAt),
+		RotatedTo:      e.rotatedTo,
 	}
 }
 

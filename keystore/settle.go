@@ -43,7 +43,7 @@ type reservation struct {
 	key      *Key // the Key the Check found: its account and spend are the ones charged
 	price    money.Micros
 	maxPrice money.Micros
-	deadline int64 // Unix nanoseconds
+	deadline int64  // Unix nanoseconds
 	seq      uint64 // tells apart, on disk, two reservations of one request ID
 
 	// Guarded by the account's mu. open is false once settled; nextDirty

@@ -10,8 +10,8 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"slices"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,10 +53,10 @@ type Options struct {
 // Buckets of the bbolt file, and the meta bucket's entries.
 var (
 	bucketMeta     = []byte("meta")
-	bucketAccounts = []byte("accounts") // account id -> accountRecord
-	bucketBalances = []byte("balances") // account id -> 8-byte balance
-	bucketKeys     = []byte("keys")     // key id -> keyRecord (with the secret's hash)
-	bucketSpend    = []byte("spend")    // key id -> 8-byte spend [+ 4-byte cap period] (absent: 0)
+	bucketAccounts = []byte("accounts")     // account id -> accountRecord
+	bucketBalances = []byte("balances")     // account id -> 8-byte balance
+	bucketKeys     = []byte("keys")         // key id -> keyRecord (with the secret's hash)
+	bucketSpend    = []byte("spend")        // key id -> 8-byte spend [+ 4-byte cap period] (absent: 0)
 	bucketReserved = []byte("reservations") // request id -> reservationRecord (schema 2)
 	bucketOutbox   = []byte("outbox")       // alert id -> JSON alert, until delivered (schema 2)
 
