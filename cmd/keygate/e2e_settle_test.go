@@ -3,6 +3,7 @@ package main_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 
@@ -279,6 +280,53 @@ func TestE2ESettleOnCheckIgnoresLogs(t *testing.T) {
 	s.sendLogs(t, []*accesslogdatav3.HTTPAccessLogEntry{logEntry("on-check-1", 500, "")})
 	if b := s.billing(t, "accounts", "acme"); b.BalanceMicros != 1_000_000-priceChat || b.ReservedMicros != 0 {
 		t.Fatalf("on_check: %+v, want the price debited at the Check and kept", b)
+	}
+	s.stop(t)
+}
+
+// TestE2ESettleCrash: after a SIGKILL, what the last flush wrote holds: an
+// open reservation comes back open, and a settled one does not come back
+// to be charged a second time.
+func TestE2ESettleCrash(t *testing.T) {
+	t.Parallel()
+	longSettle := strings.Replace(settleConfig, "settle_timeout: 4s", "settle_timeout: 10m", 1)
+	s := startServer(t, serverOpts{config: longSettle})
+	s.createAccount(t, "acme", "1")
+	k := s.createKey(t, "acme", "chat:write")
+	for _, id := range []string{"crash-open", "crash-settled"} {
+		if d := s.checkID(t, k.Secret, id); d.status != 200 {
+			t.Fatalf("Check %s: %s", id, d)
+		}
+	}
+	s.sendLogs(t, []*accesslogdatav3.HTTPAccessLogEntry{logEntry("crash-settled", 200, "")})
+	// The ledger is written at least once a second. The first flush seen
+	// may have begun before the settlement; the one after it began later.
+	// Only flushes with something to write count, so a Check on another
+	// account gives the second one something.
+	flushes := func() float64 { return metricSum(t, s, "keygate_ledger_flushes_total", `result="ok"`) }
+	s.createAccount(t, "other", "1")
+	other := s.createKey(t, "other", "chat:write")
+	for i := range 2 {
+		before := flushes()
+		if d := s.checkID(t, other.Secret, fmt.Sprintf("other-%d", i)); d.status != 200 {
+			t.Fatalf("Check on the other account: %s", d)
+		}
+		if !eventually(stopTimeout, func() bool { return flushes() > before }) {
+			t.Fatal("no ledger flush after the settlement")
+		}
+	}
+	s.kill(t)
+
+	s = startServer(t, serverOpts{db: s.db, config: longSettle})
+	if b := s.billing(t, "accounts", "acme"); b.BalanceMicros != 1_000_000-priceChat || b.ReservedMicros != priceChat {
+		t.Fatalf("after the crash: %+v, want one price charged and one reserved", b)
+	}
+	// The settled id is free again; the open one is still held.
+	if d := s.checkID(t, k.Secret, "crash-settled"); d.status != 200 {
+		t.Fatalf("Check reusing the settled id: %s", d)
+	}
+	if d := s.checkID(t, k.Secret, "crash-open"); d.status != 400 {
+		t.Fatalf("Check reusing the open id: %s, want 400", d)
 	}
 	s.stop(t)
 }
