@@ -26,11 +26,17 @@ type Keys interface {
 	Reserve(k *keystore.Key, requestID string, price, maxPrice money.Micros, deadline time.Time) error
 }
 
+// RateLimiter is the per-key rate limit a Check applies: *ratelimit.Limiter
+// in one process, or leases of a limit shared through Redis.
+type RateLimiter interface {
+	Allow(key string, r ratelimit.Rate, now time.Time) ratelimit.Decision
+}
+
 // Config is what New needs. Keys and Routes are required.
 type Config struct {
 	Keys    Keys
 	Routes  *route.Table
-	Limiter *ratelimit.Limiter // nil: a new one
+	Limiter RateLimiter // nil: a new *ratelimit.Limiter
 	// TierRate returns the rate limit of an account tier; ok false means the
 	// key is not rate limited. nil: no tier limits.
 	TierRate func(tier string) (r ratelimit.Rate, ok bool)
@@ -51,7 +57,7 @@ type Server struct {
 
 	keys     Keys
 	routes   *route.Table
-	limiter  *ratelimit.Limiter
+	limiter  RateLimiter
 	tierRate func(string) (ratelimit.Rate, bool)
 	log      *zap.Logger
 	now      func() time.Time

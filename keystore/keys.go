@@ -126,6 +126,10 @@ func (s *Store) Key(id string) (KeyInfo, error) {
 	return s.keyInfoLocked(e), nil
 }
 
+// ListKeys is Keys for the admin API, whose stores may fail to list; this
+// one never does.
+func (s *Store) ListKeys(account string) ([]KeyInfo, error) { return s.Keys(account), nil }
+
 // Keys returns the keys of account, or every key for "", revoked and expired
 // ones included, sorted by creation time then ID. An unknown account has no
 // keys.

@@ -24,14 +24,33 @@ import (
 	"github.com/keygate/keygate/cmd/keygate/config"
 	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/money"
+	"github.com/keygate/keygate/keystore/rconn"
 	adminv1 "github.com/keygate/keygate/proto/keygate/admin/v1"
 )
+
+// Store is what the admin API serves from: *keystore.Store (one bbolt
+// file), or a store that keeps accounts and keys in Redis for several
+// replicas. Lists return an error as well: a shared store can fail to
+// answer.
+type Store interface {
+	CreateAccount(id, tier string, balance money.Micros, now time.Time, opts ...keystore.AccountOption) (keystore.Account, error)
+	Account(id string) (keystore.Account, error)
+	ListAccounts() ([]keystore.Account, error)
+	Credit(id string, amount money.Micros, opts ...keystore.AccountOption) (keystore.Account, error)
+	CreateKey(nk keystore.NewKey, now time.Time) (keystore.KeyInfo, string, error)
+	Key(id string) (keystore.KeyInfo, error)
+	ListKeys(account string) ([]keystore.KeyInfo, error)
+	Revoke(id string, now time.Time) (keystore.KeyInfo, error)
+	Rotate(id string, grace time.Duration, now time.Time) (old, nw keystore.KeyInfo, secret string, err error)
+}
+
+var _ Store = (*keystore.Store)(nil)
 
 // Server implements adminv1.AdminServer.
 type Server struct {
 	adminv1.UnimplementedAdminServer
 
-	store *keystore.Store
+	store Store
 	cfg   *config.Config
 	now   func() time.Time
 }
@@ -40,7 +59,7 @@ var _ adminv1.AdminServer = (*Server)(nil)
 
 // New returns a Server over store; cfg supplies the routes (the scope guard)
 // and the tiers. The store logs each mutation.
-func New(store *keystore.Store, cfg *config.Config) *Server {
+func New(store Store, cfg *config.Config) *Server {
 	return &Server{store: store, cfg: cfg, now: time.Now}
 }
 
@@ -98,8 +117,12 @@ func (s *Server) CreditAccount(_ context.Context, r *adminv1.CreditAccountReques
 }
 
 func (s *Server) ListAccounts(context.Context, *adminv1.ListAccountsRequest) (*adminv1.ListAccountsResponse, error) {
+	all, err := s.store.ListAccounts()
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	out := &adminv1.ListAccountsResponse{Accounts: []*adminv1.Account{}}
-	for _, a := range s.store.Accounts() {
+	for _, a := range all {
 		out.Accounts = append(out.Accounts, accountPB(a))
 	}
 	return out, nil
@@ -177,8 +200,12 @@ func (s *Server) ListKeys(_ context.Context, r *adminv1.ListKeysRequest) (*admin
 		}
 	}
 	now := s.now()
+	keys, err := s.store.ListKeys(r.GetAccount())
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	out := &adminv1.ListKeysResponse{Keys: []*adminv1.Key{}}
-	for _, k := range s.store.Keys(r.GetAccount()) {
+	for _, k := range keys {
 		out.Keys = append(out.Keys, s.keyPB(k, now))
 	}
 	return out, nil
@@ -295,6 +322,8 @@ func toStatus(err error) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, keystore.ErrKeyInactive):
 		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, rconn.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.Unavailable, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
 }
