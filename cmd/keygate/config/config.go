@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
 	"reflect"
@@ -81,7 +82,60 @@ type File struct {
 	// (default 5m). Config.SettleTimeout holds it parsed.
 	SettleTimeout string `yaml:"settle_timeout"`
 	Alerts        Alerts `yaml:"alerts"`
+	// Store is bbolt (the default: one process owns the --db file) or
+	// redis (several replicas share accounts, keys, balances and limits;
+	// --db keeps each replica's last known key records).
+	Store StoreKind `yaml:"store"`
+	Redis *Redis    `yaml:"redis"`
 }
+
+// StoreKind names where accounts, keys and balances live.
+type StoreKind string
+
+// Stores.
+const (
+	StoreBBolt StoreKind = "bbolt"
+	StoreRedis StoreKind = "redis"
+)
+
+// EnvRedisPassword names the environment variable that, when set,
+// overrides redis.password, so that it need not sit in a ConfigMap.
+const EnvRedisPassword = "KEYGATE_REDIS_PASSWORD"
+
+// Redis is the redis: block, for store: redis.
+type Redis struct {
+	Addr     string    `yaml:"addr"` // host:port
+	Password string    `yaml:"password"`
+	DB       int       `yaml:"db"`
+	TLS      *RedisTLS `yaml:"tls"` // absent: plain TCP
+	// KeyPrefix starts every key keygate writes (default "keygate:"), so
+	// that deployments can share a Redis.
+	KeyPrefix string `yaml:"key_prefix"`
+	// Timeout bounds every Redis wait on the Check path (default 50ms).
+	Timeout string `yaml:"timeout"`
+	// Outage is what a Check's spend does while Redis is unreachable and
+	// the replica's lease does not cover it: fail_closed (the default:
+	// deny with a 503) or allow_local (allow up to OutageAllowanceUSD per
+	// key, charged when Redis is back).
+	Outage             OutagePolicy `yaml:"outage"`
+	OutageAllowanceUSD string       `yaml:"outage_allowance_usd"`
+}
+
+// RedisTLS configures TLS to Redis: the CA that signed its certificate
+// (empty: the system's) and the name to verify (empty: from addr).
+type RedisTLS struct {
+	CAFile     string `yaml:"ca_file"`
+	ServerName string `yaml:"server_name"`
+}
+
+// OutagePolicy is what spend does while Redis is down.
+type OutagePolicy string
+
+// Outage policies.
+const (
+	OutageFailClosed OutagePolicy = "fail_closed"
+	OutageAllowLocal OutagePolicy = "allow_local"
+)
 
 // Alerts is where spend alerts go and when keys' alerts fire. After Parse
 // the thresholds are sorted and defaulted; after Load the secret is the
@@ -125,6 +179,10 @@ type Config struct {
 	Tiers  map[string]ratelimit.Rate // parsed File.Tiers
 	// SettleTimeout is File.SettleTimeout parsed: in (0, MaxSettleTimeout].
 	SettleTimeout time.Duration
+	// RedisTimeout and OutageAllowance are File.Redis's, parsed (store:
+	// redis only).
+	RedisTimeout    time.Duration
+	OutageAllowance money.Micros
 	// BuiltIn is true when no file was given and the example config is in use.
 	BuiltIn bool
 }
@@ -165,6 +223,9 @@ func LoadEnv(path string, getenv func(string) string) (*Config, error) {
 			return nil, fmt.Errorf("%s: %w", EnvAlertsSecret, err)
 		}
 		c.Alerts.Secret = secret
+	}
+	if pw := getenv(EnvRedisPassword); pw != "" && c.Redis != nil {
+		c.Redis.Password = pw
 	}
 	return c, nil
 }
@@ -273,6 +334,8 @@ func checkNode(n *yaml.Node, t reflect.Type, path string) error {
 				return err
 			}
 		}
+	case reflect.Pointer:
+		return checkNode(n, t.Elem(), path)
 	case reflect.String:
 		if n.Kind != yaml.ScalarNode {
 			return fmt.Errorf("%s: want a single value, not a list or mapping (line %d)", where, n.Line)
@@ -345,6 +408,10 @@ func build(f File) (*Config, error) {
 	default:
 		return nil, fmt.Errorf("settle: %q is not on_check or on_response", f.Settle)
 	}
+	redisTimeout, allowance, err := buildStore(&f)
+	if err != nil {
+		return nil, err
+	}
 	settleTimeout, err := ParseDuration(f.SettleTimeout)
 	switch {
 	case err != nil:
@@ -360,7 +427,8 @@ func build(f File) (*Config, error) {
 	}
 	f.Alerts = alerts
 
-	c := &Config{File: f, Tiers: map[string]ratelimit.Rate{}, SettleTimeout: settleTimeout}
+	c := &Config{File: f, Tiers: map[string]ratelimit.Rate{}, SettleTimeout: settleTimeout,
+		RedisTimeout: redisTimeout, OutageAllowance: allowance}
 	names := make([]string, 0, len(f.Tiers))
 	for name := range f.Tiers {
 		names = append(names, name)
@@ -498,4 +566,69 @@ func (c *Config) TierRate(name string) (ratelimit.Rate, bool) {
 	}
 	r, ok := c.Tiers[c.DefaultTier]
 	return r, ok
+}
+
+// Redis defaults and bounds.
+const (
+	DefaultRedisPrefix  = "keygate:"
+	DefaultRedisTimeout = 50 * time.Millisecond
+	maxRedisTimeout     = 5 * time.Second
+)
+
+// buildStore checks store and redis, fills redis's defaults, and returns
+// its parsed timeout and outage allowance.
+func buildStore(f *File) (time.Duration, money.Micros, error) {
+	setDefault((*string)(&f.Store), string(StoreBBolt))
+	switch f.Store {
+	case StoreBBolt:
+		if f.Redis != nil {
+			return 0, 0, errors.New("redis: set but store is bbolt; set store: redis to use it")
+		}
+		return 0, 0, nil
+	case StoreRedis:
+	default:
+		return 0, 0, fmt.Errorf("store: %q is not bbolt or redis", f.Store)
+	}
+	r := f.Redis
+	if r == nil || r.Addr == "" {
+		return 0, 0, errors.New("redis.addr: required with store: redis (host:port)")
+	}
+	if f.Settle == SettleOnResponse {
+		return 0, 0, errors.New("settle: on_response is not supported with store: redis yet: reservations are kept by the replica that allowed the request, and the access log may reach another one")
+	}
+	if host, port, err := net.SplitHostPort(r.Addr); err != nil || host == "" || port == "" {
+		return 0, 0, fmt.Errorf("redis.addr: %q is not host:port", r.Addr)
+	}
+	if r.DB < 0 {
+		return 0, 0, fmt.Errorf("redis.db: %d is negative", r.DB)
+	}
+	setDefault(&r.KeyPrefix, DefaultRedisPrefix)
+	setDefault(&r.Timeout, DefaultRedisTimeout.String())
+	timeout, err := ParseDuration(r.Timeout)
+	switch {
+	case err != nil:
+		return 0, 0, fmt.Errorf("redis.timeout: %w", err)
+	case timeout <= 0 || timeout > maxRedisTimeout:
+		return 0, 0, fmt.Errorf("redis.timeout: %q is not in (0, 5s]: it bounds every Redis wait on the Check path", r.Timeout)
+	}
+	setDefault((*string)(&r.Outage), string(OutageFailClosed))
+	var allowance money.Micros
+	switch r.Outage {
+	case OutageFailClosed:
+		if r.OutageAllowanceUSD != "" {
+			return 0, 0, errors.New("redis.outage_allowance_usd: set but redis.outage is fail_closed; set outage: allow_local to use it")
+		}
+	case OutageAllowLocal:
+		if r.OutageAllowanceUSD == "" {
+			return 0, 0, errors.New("redis.outage_allowance_usd: required with outage: allow_local (the most each key may spend per replica while Redis is down)")
+		}
+		a, err := money.ParseUSD(r.OutageAllowanceUSD)
+		if err != nil {
+			return 0, 0, fmt.Errorf("redis.outage_allowance_usd: %w", err)
+		}
+		allowance = a
+	default:
+		return 0, 0, fmt.Errorf("redis.outage: %q is not fail_closed or allow_local", r.Outage)
+	}
+	return timeout, allowance, nil
 }

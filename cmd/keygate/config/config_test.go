@@ -47,6 +47,7 @@ func TestParseExample(t *testing.T) {
 		LogLevel: "info", LogFormat: "json",
 		Settle: SettleOnCheck, SettleTimeout: "5m",
 		Alerts: Alerts{Thresholds: []float64{0.5, 0.8, 1.0}},
+		Store:  StoreBBolt,
 	}
 	gotFile := c.File
 	gotFile.Tiers, gotFile.Routes, gotFile.DefaultTier = nil, nil, ""
@@ -135,6 +136,7 @@ alerts:
 			Thresholds: []float64{0.25, 0.9, 1.0}, // sorted
 			Secret:     "s3cr3t",
 		},
+		Store: StoreBBolt,
 	}
 	if diff := cmp.Diff(want, c.File); diff != "" {
 		t.Errorf("File (-want +got):\n%s", diff)
@@ -174,7 +176,7 @@ func TestParseErrors(t *testing.T) {
 		name    string // testdata/bad_<name>.yaml
 		wantErr string
 	}{
-		{"unknown_top_level", `rate_limt: unknown field (line 4; known: db, listen, admin_listen, http_listen, log_level, log_format, tiers, default_tier, routes, settle, settle_timeout, alerts)`},
+		{"unknown_top_level", `rate_limt: unknown field (line 4; known: db, listen, admin_listen, http_listen, log_level, log_format, tiers, default_tier, routes, settle, settle_timeout, alerts, store, redis)`},
 		{"unknown_route_field", `routes[1].pathprefix: unknown field (line 7; known: method, path, path_prefix, scope, price_usd, max_price_usd)`},
 		{"unknown_tier_field", `tiers.tier1.ratelimit: unknown field (line 3; known: rate_limit)`},
 		{"merged_unknown_field", "yaml: unmarshal errors:\n  line 2: field rate_limit not found in type config.Route"},
@@ -650,4 +652,86 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestParseRedis(t *testing.T) {
+	const base = "store: redis\n"
+	tests := []struct {
+		name      string
+		give      string
+		want      Redis
+		timeout   time.Duration
+		allowance money.Micros
+	}{
+		{"defaults", "redis: {addr: 10.0.0.7:6379}", Redis{Addr: "10.0.0.7:6379", KeyPrefix: "keygate:", Timeout: "50ms", Outage: OutageFailClosed}, 50 * time.Millisecond, 0},
+		{"everything", `redis:
+  addr: redis.internal:6380
+  password: pw
+  db: 3
+  tls: {ca_file: /etc/ca.pem, server_name: redis.internal}
+  key_prefix: "prod:kg:"
+  timeout: 20ms
+  outage: allow_local
+  outage_allowance_usd: "0.50"`, Redis{Addr: "redis.internal:6380", Password: "pw", DB: 3,
+			TLS: &RedisTLS{CAFile: "/etc/ca.pem", ServerName: "redis.internal"}, KeyPrefix: "prod:kg:", Timeout: "20ms",
+			Outage: OutageAllowLocal, OutageAllowanceUSD: "0.50"}, 20 * time.Millisecond, 500_000},
+		{"empty tls block means TLS", "redis: {addr: r:6379, tls: {}}", Redis{Addr: "r:6379", TLS: &RedisTLS{}, KeyPrefix: "keygate:", Timeout: "50ms", Outage: OutageFailClosed}, 50 * time.Millisecond, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(base + tt.give))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Store != StoreRedis {
+				t.Errorf("Store = %q", c.Store)
+			}
+			if diff := cmp.Diff(&tt.want, c.Redis); diff != "" {
+				t.Errorf("Redis (-want +got):\n%s", diff)
+			}
+			if c.RedisTimeout != tt.timeout || c.OutageAllowance != tt.allowance {
+				t.Errorf("timeout %v allowance %d, want %v %d", c.RedisTimeout, c.OutageAllowance, tt.timeout, tt.allowance)
+			}
+		})
+	}
+
+	errs := []struct{ name, give, want string }{
+		{"unknown store", "store: etcd", `store: "etcd" is not bbolt or redis`},
+		{"redis without store", "redis: {addr: r:6379}", "redis: set but store is bbolt; set store: redis to use it"},
+		{"no addr", "store: redis", "redis.addr: required with store: redis (host:port)"},
+		{"no port", base + "redis: {addr: redis}", `redis.addr: "redis" is not host:port`},
+		{"negative db", base + "redis: {addr: r:1, db: -1}", "redis.db: -1 is negative"},
+		{"db not a number", base + "redis: {addr: r:1, db: one}", "cannot unmarshal"},
+		{"zero timeout", base + "redis: {addr: r:1, timeout: 0s}", `redis.timeout: "0s" is not in (0, 5s]`},
+		{"long timeout", base + "redis: {addr: r:1, timeout: 6s}", `redis.timeout: "6s" is not in (0, 5s]`},
+		{"bad outage", base + "redis: {addr: r:1, outage: open}", `redis.outage: "open" is not fail_closed or allow_local`},
+		{"allowance without allow_local", base + "redis: {addr: r:1, outage_allowance_usd: \"1\"}", "redis.outage_allowance_usd: set but redis.outage is fail_closed"},
+		{"allow_local without allowance", base + "redis: {addr: r:1, outage: allow_local}", "redis.outage_allowance_usd: required with outage: allow_local"},
+		{"bad allowance", base + "redis: {addr: r:1, outage: allow_local, outage_allowance_usd: \"-1\"}", "redis.outage_allowance_usd:"},
+		{"unknown tls field", base + "redis: {addr: r:1, tls: {ca: x}}", "redis.tls.ca: unknown field"},
+		{"on_response", base + "settle: on_response\nredis: {addr: r:1}", "settle: on_response is not supported with store: redis"},
+	}
+	for _, tt := range errs {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.give))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Parse(%q) = %v, want an error containing %q", tt.give, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestLoadEnvRedisPassword(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "k.yaml")
+	if err := os.WriteFile(path, []byte("store: redis\nredis: {addr: r:6379, password: in-file}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{EnvRedisPassword: "from-env"}
+	c, err := LoadEnv(path, func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Redis.Password != "from-env" {
+		t.Errorf("password %q, want the environment's", c.Redis.Password)
+	}
 }
