@@ -322,7 +322,7 @@ func toStatus(err error) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, keystore.ErrKeyInactive):
 		return status.Error(codes.FailedPrecondition, err.Error())
-	case errors.Is(err, rconn.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
+	case rconn.IsUnavailable(err):
 		return status.Error(codes.Unavailable, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
