@@ -1,0 +1,33 @@
+// Package rlease spends money and rate-limit tokens from leases taken from
+// Redis, so that several keygate replicas share one balance per account,
+// one cap per key and one rate limit per key while most Checks stay local.
+//
+// Money (Ledger): each replica holds, per key, a lease drawn at once from
+// the account's balance (bal − leased) and the key's cap (cap − spent −
+// leased). Spend takes the price from it in memory; when it is short, one
+// Lua call leases min(64 prices, available / (2 × live replicas)), at least
+// what is missing, or refuses with the limit that cannot cover the price.
+// Every second (and at Close) one report per replica, sequence-numbered so
+// that a retry is applied once, charges what was spent (bal −= used,
+// spent += used), releases it and the idle leases (leased −= ...), and
+// tells the replica what Redis holds for it, so that a lease whose reply
+// was lost is adopted rather than leaked. Across replicas the balance never
+// goes below zero and no key spends past its cap.
+//
+// Rate (Limiter): each key's token bucket is a GCRA in Redis (its
+// theoretical arrival time, as in ratelimit.Limiter); a replica leases at
+// most 5% of N tokens at a time and returns what is left within a second.
+// At most N + (replicas − 1) × lease requests pass where one bucket would
+// pass N; when demand exceeds the limit, at least the limit passes.
+//
+// Redis keys (P is the key prefix): acct:{id} and key:{id} hold the money
+// fields this package owns (bal updates, leased, spent) beside what
+// redisstore writes (key:{id}'s account field is read when reclaiming);
+// lease:{replica}, reports:{replica}, replicas and rl:{key} are this
+// package's.
+//
+// Redis down: a lease held is still spent (for 15s after Redis last heard
+// from the replica: other replicas reclaim a silent replica's leases after
+// 30s); beyond it, the OutagePolicy decides; rate limits fall back to a
+// local bucket at N / live replicas.
+package rlease

@@ -1,0 +1,192 @@
+package rlease
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/keystore/rconn/rconntest"
+)
+
+// limiters makes n Limiters, each with its own connection to srv, as n
+// replicas would have.
+func limiters(t testing.TB, srv *rconntest.Server, n int, clk *clock) []*Limiter {
+	t.Helper()
+	var ls []*Limiter
+	for i := range n {
+		ls = append(ls, NewLimiter(dial(t, srv), LimiterOptions{ReplicaID: fmt.Sprintf("r%d", i), Now: clk.Now}))
+	}
+	return ls
+}
+
+// hammer runs perLimiter concurrent Allows on each limiter for key at now
+// and returns how many were allowed.
+func hammer(ls []*Limiter, key string, r ratelimit.Rate, now time.Time, perLimiter int) int {
+	var allowed atomic.Int64
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range perLimiter {
+			wg.Go(func() {
+				if l.Allow(key, r, now).OK {
+					allowed.Add(1)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	return int(allowed.Load())
+}
+
+// TestLimiterBurstBound: three replicas hammering one key at one instant
+// are allowed at most N + (3−1)·lease together; as every replica keeps
+// asking, the leases are all spent, so exactly N.
+func TestLimiterBurstBound(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 3, clk)
+	r := ratelimit.Rate{N: 100, Per: time.Minute}
+	lease := int(leaseSize(r.N))
+	got := hammer(ls, "k", r, clk.Now(), 100)
+	if got > int(r.N)+2*lease {
+		t.Errorf("allowed %d at one instant, above N + 2·lease = %d", got, int(r.N)+2*lease)
+	}
+	if got != int(r.N) {
+		t.Errorf("allowed %d at one instant with every replica asking, want N = %d", got, r.N)
+	}
+}
+
+// TestLimiterWindow: three replicas hammering one key through its first
+// window (clock steps of 100ms, returns every second as Run does) are
+// allowed at most what one exact bucket allows plus (3−1)·lease, and at
+// least N.
+func TestLimiterWindow(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 3, clk)
+	r := ratelimit.Rate{N: 100, Per: time.Minute}
+	lease := int(leaseSize(r.N))
+	exact := ratelimit.NewLimiter()
+
+	got, want := 0, 0
+	for step := range 600 { // 60s
+		now := clk.Now()
+		got += hammer(ls, "k", r, now, 2)
+		for range 3 * 2 {
+			if exact.Allow("k", r, now).OK {
+				want++
+			}
+		}
+		if step%10 == 9 {
+			for _, l := range ls {
+				if err := l.returnUnused(now); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		clk.Add(100 * time.Millisecond)
+	}
+	t.Logf("allowed %d over the first window; one exact bucket: %d; lease %d", got, want, lease)
+	if got > want+2*lease {
+		t.Errorf("allowed %d, above the exact bucket's %d + 2·lease", got, want)
+	}
+	if got < int(r.N) {
+		t.Errorf("allowed %d over a window with demand above the limit, want at least N = %d", got, r.N)
+	}
+}
+
+// TestLimiterReturnsUnused: tokens one replica leased and did not use go
+// back, so that the others, hammering, get the whole limit.
+func TestLimiterReturnsUnused(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 3, clk)
+	r := ratelimit.Rate{N: 100, Per: time.Hour} // refill is negligible here
+	now := clk.Now()
+	got := 0
+	if ls[0].Allow("k", r, now).OK { // leases 5, uses 1, then goes quiet
+		got++
+	}
+	got += hammer(ls[1:], "k", r, now, 100)
+	if got > int(r.N)-int(leaseSize(r.N))+1 {
+		t.Fatalf("allowed %d before the return: the quiet replica's tokens were not held", got)
+	}
+	now = clk.Add(time.Second)
+	if err := ls[0].returnUnused(now); err != nil {
+		t.Fatal(err)
+	}
+	got += hammer(ls[1:], "k", r, now, 100)
+	if got < int(r.N) {
+		t.Errorf("allowed %d in total, want at least N = %d once unused tokens are returned", got, r.N)
+	}
+}
+
+// TestLimiterDecisions: with one replica the Decisions match the local
+// limiter's: Remaining counts down, and a refusal's RetryAfter is the
+// GCRA's.
+func TestLimiterDecisions(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	l := limiters(t, srv, 1, clk)[0]
+	exact := ratelimit.NewLimiter()
+	r := ratelimit.Rate{N: 20, Per: time.Minute}
+	now := clk.Now()
+	for i := range 25 {
+		got, want := l.Allow("k", r, now), exact.Allow("k", r, now)
+		if got.OK != want.OK || got.Limit != want.Limit || got.Remaining != want.Remaining ||
+			got.RetryAfter != want.RetryAfter || got.Reset < want.Reset {
+			t.Errorf("Allow %d: %+v, want %+v (Reset at least)", i, got, want)
+		}
+	}
+	if d := l.Allow("zero", ratelimit.Rate{}, now); !d.OK {
+		t.Errorf("zero Rate: %+v, want allowed", d)
+	}
+}
+
+// TestLimiterOutageShare: with Redis down each replica allows its share,
+// N / live replicas, locally.
+func TestLimiterOutageShare(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 3, clk)
+	r := ratelimit.Rate{N: 90, Per: time.Hour}
+	now := clk.Now()
+	for round := range 2 { // the second round learns that 3 replicas are live
+		for _, l := range ls {
+			l.Allow(fmt.Sprintf("warm%d", round), r, now)
+		}
+	}
+	srv.Kill()
+	for i, l := range ls {
+		got := 0
+		for range 100 {
+			if l.Allow("k", r, now).OK {
+				got++
+			}
+		}
+		if got != 30 {
+			t.Errorf("replica %d allowed %d during the outage, want its share 90/3 = 30", i, got)
+		}
+	}
+}
+
+// TestLimiterOutageShareFromLive: with LimiterOptions.Live, the share
+// divides by what it says.
+func TestLimiterOutageShareFromLive(t *testing.T) {
+	srv := rconntest.Start(t)
+	l := NewLimiter(dial(t, srv), LimiterOptions{Live: func() int64 { return 2 }})
+	srv.Kill()
+	r := ratelimit.Rate{N: 90, Per: time.Hour}
+	now := time.Unix(1_800_000_000, 0)
+	got := 0
+	for range 100 {
+		if l.Allow("k", r, now).OK {
+			got++
+		}
+	}
+	if got != 45 {
+		t.Errorf("allowed %d during the outage, want 90/2 = 45", got)
+	}
+}

@@ -1,0 +1,252 @@
+package rlease
+
+import (
+	"context"
+	"fmt"
+	"slices"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/keygate/keygate/keystore/money"
+)
+
+// A batch is one report: one reportScript call with one sequence number.
+// Once built it is sent as is until Redis answers, so that a retry after a
+// lost reply carries the same seq and is applied once.
+type batch struct {
+	replica  string
+	seq      uint64
+	mode     string // reportScript's: "hb", "final", or "" for another replica's journal
+	sealed   bool   // carries journaled outage spends: Forget them once applied
+	returned money.Micros
+	entries  []entry
+}
+
+// entry is one key's line of a report.
+type entry struct {
+	st              *keyState // nil in a journal replay
+	keyID           string
+	acctKey, keyKey string
+	charge          money.Micros // bal −= charge, spent += charge
+	release         money.Micros // leased −= release
+	epoch           uint64       // st.epoch when built
+}
+
+// report sends what was spent since the last report and the idle leases
+// (every lease when final), in as many calls as the keys need. Batches
+// Redis did not answer stay queued and go first, unchanged, next time.
+func (l *Ledger) report(final bool) error {
+	l.rmu.Lock()
+	defer l.rmu.Unlock()
+	if err := l.drain(); err != nil {
+		return err
+	}
+	l.build(l.now().UnixNano(), final)
+	return l.drain()
+}
+
+// drain sends the queued batches in order, stopping at the first failure.
+// The caller holds rmu.
+func (l *Ledger) drain() error {
+	for len(l.queue) > 0 {
+		if err := l.send(l.queue[0]); err != nil {
+			return err
+		}
+		l.queue[0] = nil
+		l.queue = l.queue[1:]
+	}
+	return nil
+}
+
+// build moves what every key spent since the last report, and its lease
+// when idle (or final), into batches on the queue. Keys with outage spends
+// go into the first batch, so that the journal can seal them under one
+// seq. The caller holds rmu.
+func (l *Ledger) build(now int64, final bool) {
+	j := l.o.Journal
+	if j != nil {
+		l.jmu.Lock() // no Append between moving the spends and sealing them
+		defer l.jmu.Unlock()
+	}
+	var outage, rest []entry
+	var returned money.Micros
+	for _, s := range l.keys.all() {
+		s.mu.Lock()
+		e := entry{st: s, keyID: s.id, acctKey: s.acctKey, keyKey: s.keyKey,
+			charge: s.used + s.extra, release: s.used, epoch: s.epoch}
+		if s.lease > 0 && (final || now-s.lastUse >= int64(idleAfter)) {
+			e.release += s.lease
+			returned += s.lease
+			s.lease = 0
+		}
+		hasExtra, unsure := s.extra > 0, s.unsure > 0
+		s.used, s.extra = 0, 0
+		forget := s.lease == 0 && s.unsure == 0 && e.charge == 0 && e.release == 0 &&
+			now-s.lastUse >= int64(forgetAfter)
+		s.mu.Unlock()
+		switch {
+		case hasExtra:
+			outage = append(outage, e)
+		case e.charge > 0 || e.release > 0 || unsure:
+			rest = append(rest, e)
+		case forget:
+			l.keys.removeIf(s.id, s, dropIfIdle(now))
+		}
+	}
+	mode := "hb"
+	var batches []*batch
+	if len(outage) > 0 {
+		batches = append(batches, &batch{entries: outage})
+	}
+	for len(rest) > 0 {
+		n := min(len(rest), maxBatch)
+		batches = append(batches, &batch{entries: rest[:n:n]})
+		rest = rest[n:]
+	}
+	if final && len(batches) == 0 {
+		batches = append(batches, &batch{})
+	}
+	for _, b := range batches {
+		l.seq++
+		b.replica, b.seq, b.mode = l.o.ReplicaID, l.seq, mode
+	}
+	if final {
+		batches[len(batches)-1].mode = "final"
+	}
+	if len(batches) > 0 {
+		batches[0].returned = returned // counted once the first batch is applied; close enough for a counter
+	}
+	if len(outage) > 0 && j != nil {
+		if err := j.Seal(l.o.ReplicaID, batches[0].seq); err != nil {
+			// The spends stay unsealed: reported now, and once more only if
+			// this replica restarts before they are forgotten.
+			l.log.Error("outage journal seal", zap.Error(err))
+		} else {
+			batches[0].sealed = true
+		}
+	}
+	l.queue = append(l.queue, batches...)
+}
+
+// dropIfIdle returns the test for removing a key's state: still empty and
+// idle. It marks the state removed, so that a Spend holding it looks again.
+func dropIfIdle(now int64) func(*keyState) bool {
+	return func(s *keyState) bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.lease != 0 || s.used != 0 || s.extra != 0 || s.unsure != 0 || now-s.lastUse < int64(forgetAfter) {
+			return false
+		}
+		s.removed = true
+		return true
+	}
+}
+
+// send applies b in Redis, then makes each key agree with what Redis says
+// this replica holds for it. The caller holds rmu.
+func (l *Ledger) send(b *batch) error {
+	keys := make([]string, 0, 3+2*len(b.entries))
+	keys = append(keys, l.c.Key("reports", b.replica), l.c.Key("lease", b.replica), l.kReplicas)
+	args := make([]any, 0, 3+3*len(b.entries))
+	args = append(args, b.seq, b.replica, b.mode)
+	for _, e := range b.entries {
+		keys = append(keys, e.acctKey, e.keyKey)
+		args = append(args, e.keyID, int64(e.charge), int64(e.release))
+	}
+	sent := l.now().UnixNano()
+	var held []int64
+	err := l.c.Call(context.Background(), "report", func(ctx context.Context, r *redis.Client) error {
+		var err error
+		held, err = reportScript.Run(ctx, r, keys, args...).Int64Slice()
+		return err
+	})
+	if err == nil && len(held) != len(b.entries) {
+		err = fmt.Errorf("report script: %d values, want %d", len(held), len(b.entries))
+	}
+	if err != nil {
+		l.markDown(err)
+		return fmt.Errorf("report %d: %w", b.seq, err)
+	}
+	if b.mode == "hb" {
+		l.markUp(sent, l.live.Load())
+	}
+	for i, e := range b.entries {
+		if e.st != nil {
+			l.settle(e.st, e.epoch, money.Micros(held[i]))
+		}
+	}
+	if b.returned > 0 {
+		l.m.returned.Add(float64(b.returned))
+	}
+	if b.sealed {
+		if err := l.o.Journal.Forget(b.replica, b.seq); err != nil {
+			// Redis ignores the report if it is ever resent: no harm.
+			l.log.Warn("outage journal forget", zap.Uint64("seq", b.seq), zap.Error(err))
+		}
+	}
+	return nil
+}
+
+// settle makes s agree with held, what Redis holds for this replica and
+// key after a report, when no lease call started since the report was
+// built (one that did may be counted by Redis and not yet here, or the
+// reverse). Redis holding more is a lease whose reply was lost: adopted.
+// Redis holding less is a reclaim: dropped.
+func (l *Ledger) settle(s *keyState, epoch uint64, held money.Micros) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.epoch != epoch {
+		return
+	}
+	if s.unsure > 0 {
+		s.unsure--
+	}
+	if more := held - (s.lease + s.used); more > 0 {
+		s.lease += more
+		l.log.Info("adopted a lease whose reply was lost", zap.String("key_id", s.id), zap.Int64("micros", int64(more)))
+		return
+	}
+	l.shrink(s, held)
+}
+
+// replay queues the journal's pending outage spends: sealed reports to be
+// resent under their own replica and seq (applied once whatever happened
+// before the restart), unsealed spends onto their keys, to go with the
+// next report.
+func (l *Ledger) replay() error {
+	pending, err := l.o.Journal.Pending()
+	if err != nil {
+		return fmt.Errorf("outage journal: %w", err)
+	}
+	for _, r := range pending {
+		if r.Seq == 0 {
+			for _, sp := range r.Spends {
+				s := l.keys.get(sp.KeyID)
+				if s == nil {
+					s = l.keys.add(sp.KeyID, l.newState(sp.KeyID, sp.Account))
+				}
+				s.extra += sp.Price
+			}
+			continue
+		}
+		b := &batch{replica: r.Replica, seq: r.Seq, sealed: true}
+		for _, sp := range r.Spends {
+			i := slices.IndexFunc(b.entries, func(e entry) bool { return e.keyID == sp.KeyID })
+			if i < 0 {
+				b.entries = append(b.entries, entry{keyID: sp.KeyID,
+					acctKey: l.c.Key("acct", sp.Account), keyKey: l.c.Key("key", sp.KeyID)})
+				i = len(b.entries) - 1
+			}
+			b.entries[i].charge += sp.Price
+		}
+		l.queue = append(l.queue, b)
+		if r.Replica == l.o.ReplicaID {
+			l.seq = max(l.seq, r.Seq)
+		}
+	}
+	if n := len(l.queue); n > 0 {
+		l.log.Info("outage spends from the journal will be reported", zap.Int("reports", n))
+	}
+	return nil
+}

@@ -1,0 +1,217 @@
+package rlease
+
+import "github.com/redis/go-redis/v9"
+
+// The Lua scripts below are each one atomic step of the shared state. Redis
+// runs a script alone, so a grant, a report or a reclaim never interleaves
+// with another replica's.
+//
+// Lua numbers are doubles: amounts and counts are exact up to 2^53 (nine
+// billion dollars in micros), and every write goes through HINCRBY with an
+// integer formatted by int(), never through Lua's default number-to-string
+// conversion (which would write 1e+15). Times in nanoseconds exceed 2^53, so
+// the rate script splits them into seconds and nanoseconds.
+//
+// The scripts read the live-replica window and the clock of Redis (TIME):
+// heartbeats and reclaims then agree whatever the replicas' clocks say.
+
+// luaCommon is the prelude of the money scripts: int() and heartbeat().
+const luaCommon = `
+local function int(x) return string.format('%d', x) end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+`
+
+// leaseScript grants a money lease to one replica for one key.
+//
+//	KEYS: acct:{a}, key:{k}, lease:{replica}, replicas
+//	ARGV: keyID, need, want, cap, replica, live window (ms), price
+//
+// It heartbeats the replica, counts live replicas L, and grants
+// g = min(want, avail/(2L)) rounded down to whole prices, at least need
+// (at most avail), where avail is the smaller of the account's
+// bal − leased and, when cap > 0, the key's cap − spent − leased. Whole
+// prices keep leases from fragmenting: with one price per key, a replica
+// is refused only when what is left everywhere is less than the price. It returns {g, L, what the replica now holds for
+// the key}, or {-1, L, 0} when the account cannot cover need, {-2, L, 0}
+// when the key's cap cannot: then nothing changes but the heartbeat.
+var leaseScript = redis.NewScript(luaCommon + `
+local ms = now_ms()
+redis.call('ZADD', KEYS[4], ms, ARGV[5])
+local live = redis.call('ZCOUNT', KEYS[4], ms - tonumber(ARGV[6]), '+inf')
+if live < 1 then live = 1 end
+local need, want, cap, price = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+local a = redis.call('HMGET', KEYS[1], 'bal', 'leased')
+local avail = (tonumber(a[1]) or 0) - (tonumber(a[2]) or 0)
+if avail < need then return {-1, live, 0} end
+if cap > 0 then
+  local k = redis.call('HMGET', KEYS[2], 'spent', 'leased')
+  local c = cap - (tonumber(k[1]) or 0) - (tonumber(k[2]) or 0)
+  if c < need then return {-2, live, 0} end
+  if c < avail then avail = c end
+end
+local g = math.floor(avail / (2 * live))
+if g > want then g = want end
+g = g - g % price
+if g < need then g = need end
+redis.call('HINCRBY', KEYS[1], 'leased', int(g))
+redis.call('HINCRBY', KEYS[2], 'leased', int(g))
+local held = redis.call('HINCRBY', KEYS[3], ARGV[1], int(g))
+return {g, live, held}
+`)
+
+// reportScript applies one replica's spend report, once.
+//
+//	KEYS: reports:{replica}, lease:{replica}, replicas, then per entry acct:{a}, key:{k}
+//	ARGV: seq, replica, mode ("hb": heartbeat, "final": leave the live
+//	      set, "": neither), then per entry keyID, charge, release
+//
+// When seq is above the last applied one, each entry's charge is taken from
+// the account's bal and added to the key's spent, and its release (at most
+// what the replica holds for the key) is taken off the account's, the key's
+// and the replica's leased. A seq already applied (a retry after a lost
+// reply) changes nothing. Either way it returns, per entry, what the
+// replica holds for the key after the report: the replica adopts a grant
+// whose reply it lost, and drops what a reclaim took.
+var reportScript = redis.NewScript(luaCommon + `
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local apply = tonumber(ARGV[1]) > last
+if apply then redis.call('SET', KEYS[1], ARGV[1]) end
+if ARGV[3] == 'hb' then
+  redis.call('ZADD', KEYS[3], now_ms(), ARGV[2])
+elseif ARGV[3] == 'final' then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+local out = {}
+local n = (#KEYS - 3) / 2
+for i = 1, n do
+  local ak, kk = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local j = 4 + 3 * (i - 1)
+  local id, charge, release = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local cur = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  if apply then
+    if charge > 0 then
+      redis.call('HINCRBY', ak, 'bal', int(-charge))
+      redis.call('HINCRBY', kk, 'spent', int(charge))
+    end
+    if release > cur then release = cur end
+    if release > 0 then
+      redis.call('HINCRBY', ak, 'leased', int(-release))
+      redis.call('HINCRBY', kk, 'leased', int(-release))
+      cur = redis.call('HINCRBY', KEYS[2], id, int(-release))
+      if cur <= 0 then redis.call('HDEL', KEYS[2], id) end
+    end
+  end
+  out[i] = cur
+end
+return out
+`)
+
+// heartbeatScript marks a replica live, counts the live ones and reclaims
+// the leases of replicas silent for longer than the dead window: for each
+// of a dead replica's keys, the key's and its account's leased drop by what
+// the replica held, and its lease hash and heartbeat go. Its reports:
+// sequence stays, so that a late journal replay under its name is still
+// applied once. At most 16 dead replicas per call; the rest wait a second.
+//
+//	KEYS: replicas
+//	ARGV: replica, acct: prefix, key: prefix, lease: prefix, live window (ms), dead window (ms)
+//
+// It returns {live replicas, replicas reclaimed}.
+var heartbeatScript = redis.NewScript(luaCommon + `
+local ms = now_ms()
+redis.call('ZADD', KEYS[1], ms, ARGV[1])
+local live = redis.call('ZCOUNT', KEYS[1], ms - tonumber(ARGV[5]), '+inf')
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (ms - tonumber(ARGV[6])), 'LIMIT', 0, 16)
+for _, d in ipairs(dead) do
+  local lk = ARGV[4] .. d
+  local h = redis.call('HGETALL', lk)
+  for i = 1, #h, 2 do
+    local kk = ARGV[3] .. h[i]
+    local amt = tonumber(h[i + 1])
+    local acct = redis.call('HGET', kk, 'account')
+    redis.call('HINCRBY', kk, 'leased', int(-amt))
+    if acct then redis.call('HINCRBY', ARGV[2] .. acct, 'leased', int(-amt)) end
+  end
+  redis.call('DEL', lk)
+  redis.call('ZREM', KEYS[1], d)
+end
+return {live, #dead}
+`)
+
+// luaTime is the prelude of the rate scripts: unix nanoseconds as
+// (seconds, nanoseconds) pairs, so that differences are exact in doubles.
+const luaTime = `
+local function split(s)
+  local n = #s
+  if n <= 9 then return 0, tonumber(s) end
+  return tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))
+end
+local function diff(as, an, bs, bn) return (as - bs) * 1000000000 + (an - bn) end
+local function add(s, n, d)
+  local t = n + d
+  local q = math.floor(t / 1000000000)
+  return s + q, t - q * 1000000000
+end
+local function fmt(s, n)
+  if s == 0 then return string.format('%d', n) end
+  return string.format('%d%09d', s, n)
+end
+`
+
+// rateScript leases up to want tokens from a key's global GCRA bucket.
+//
+//	KEYS: rl:{key}, replicas
+//	ARGV: now (unix ns), T (ns per token), N, want, replica ("" : no heartbeat), live window (ms)
+//
+// The bucket is the theoretical arrival time tat (unix ns; missing means
+// full); a request at now is allowed while tat − now <= (N−1)T, as in
+// ratelimit.Limiter, so g tokens may be taken while
+// max(tat, now) − now + gT <= NT. It returns {g, ahead, live}: with g >= 1,
+// ahead is tat − now after the grant; with g = 0, ahead is tat − now and
+// nothing changed. The key expires when the bucket would be full again.
+var rateScript = redis.NewScript(luaTime + `
+local ns, nn = split(ARGV[1])
+local T, N, want = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ms, ARGV[5]) end
+local live = redis.call('ZCOUNT', KEYS[2], ms - tonumber(ARGV[6]), '+inf')
+local ts, tn = ns, nn
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cs, cn = split(cur)
+  if diff(cs, cn, ns, nn) > 0 then ts, tn = cs, cn end
+end
+local ahead = diff(ts, tn, ns, nn)
+local free = math.floor((N * T - ahead) / T)
+if free < 1 then return {0, ahead, live} end
+local g = math.min(free, want)
+ts, tn = add(ts, tn, g * T)
+ahead = ahead + g * T
+redis.call('SET', KEYS[1], fmt(ts, tn), 'PX', string.format('%d', math.floor(ahead / 1000000) + 1000))
+return {g, ahead, live}
+`)
+
+// rateReturnScript gives unused tokens back: each key's tat moves back by
+// the tokens' worth of time, but never before now (a bucket is never more
+// than full).
+//
+//	KEYS: rl:{key}...
+//	ARGV: now (unix ns), then per key the time to give back (ns)
+var rateReturnScript = redis.NewScript(luaTime + `
+local ns, nn = split(ARGV[1])
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if cur then
+    local cs, cn = split(cur)
+    local ahead = diff(cs, cn, ns, nn) - tonumber(ARGV[i + 1])
+    if ahead < 0 then ahead = 0 end
+    local s, n = add(ns, nn, ahead)
+    redis.call('SET', KEYS[i], fmt(s, n), 'KEEPTTL')
+  end
+end
+return #KEYS
+`)
