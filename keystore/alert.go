@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -115,31 +116,46 @@ func WithAlertBelow(m money.Micros) AccountOption {
 func (s *Store) crossedLocked(k *Key, balBefore, spentBefore money.Micros) {
 	a, e := k.acct, k.entry
 	var at time.Time
-	stamp := func() time.Time {
+	newAlert := func(a Alert) Alert {
 		if at.IsZero() {
 			at = s.now().UTC()
 		}
-		return at
+		a.ID, a.At, a.Account = s.alertID(at), at, k.acct.id
+		return a
 	}
 	if k.SpendCap > 0 {
 		for _, t := range s.thresholds {
-			th := money.Micros(math.Ceil(float64(k.SpendCap) * t))
+			th := thresholdMicros(k.SpendCap, t)
 			if spentBefore < th && e.spent >= th {
-				a.alerts = append(a.alerts, Alert{ID: s.alertID(stamp()), Type: AlertKeySpend,
-					KeyID: k.ID, Account: a.id, At: at, Threshold: t, Spent: e.spent, Cap: k.SpendCap})
+				a.alerts = append(a.alerts, newAlert(Alert{Type: AlertKeySpend,
+					KeyID: k.ID, Threshold: t, Spent: e.spent, Cap: k.SpendCap}))
 			}
 		}
 	}
 	if a.alertBelow > 0 && balBefore >= a.alertBelow && a.balance < a.alertBelow {
-		a.alerts = append(a.alerts, Alert{ID: s.alertID(stamp()), Type: AlertAccountBalanceLow,
-			Account: a.id, At: at, Balance: a.balance, AlertBelow: a.alertBelow})
+		a.alerts = append(a.alerts, newAlert(Alert{Type: AlertAccountBalanceLow,
+			Balance: a.balance, AlertBelow: a.alertBelow}))
 	}
 }
 
+// thresholdMicros is the spend at which fraction t of cap is reached: the
+// least whole number of micros at or above cap×t. A product within two
+// units in the last place of a whole number is that number: 0.07 is stored
+// a little above 7/100, and 100×0.07 comes out as 7.000000000000001, whose
+// ceiling would put the threshold one micro past the spend that reaches it.
+func thresholdMicros(cap money.Micros, t float64) money.Micros {
+	p := float64(cap) * t
+	if r := math.Round(p); math.Abs(p-r) <= 2*(math.Nextafter(r, math.Inf(1))-r) {
+		return money.Micros(r)
+	}
+	return money.Micros(math.Ceil(p))
+}
+
 // alertID makes a unique, time-ordered ID, so that the outbox (keyed by
-// it) gives the oldest alerts first.
+// it) gives the oldest alerts first. The random part keeps IDs unique
+// across restarts, where the sequence starts over, whatever the clock does.
 func (s *Store) alertID(at time.Time) string {
-	return fmt.Sprintf("alert_%016x%08x", at.UnixNano(), s.alertSeq.Add(1))
+	return fmt.Sprintf("alert_%016x%08x%08x", at.UnixNano(), s.alertSeq.Add(1), rand.Uint32())
 }
 
 // PendingAlerts returns the alerts of the outbox: written, not yet

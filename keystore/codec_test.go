@@ -80,7 +80,7 @@ func FuzzDecodeKey(f *testing.F) {
 		rec := keyRecord{
 			Hash: v.hash, Account: string(v.account), Name: string(v.name), Scopes: v.scopeList(),
 			RateLimit: v.rate, SpendCap: v.spendCap, CreatedAt: v.createdAt, ExpiresAt: v.expiresAt,
-			RevokedAt: v.revokedAt, RotatedTo: string(v.rotatedTo),
+			RevokedAt: v.revokedAt, RotatedTo: string(v.rotatedTo), CapPeriod: v.capPeriod,
 		}
 		if len(rec.Scopes) != v.nScopes {
 			t.Fatalf("%d scopes decoded, header says %d", len(rec.Scopes), v.nScopes)
@@ -104,8 +104,8 @@ func FuzzDecodeAccount(f *testing.F) {
 		if err != nil {
 			return
 		}
-		again, err := decodeAccount((&accountRecord{Tier: string(v.tier), CreatedAt: v.createdAt}).appendTo(nil))
-		if err != nil || !bytes.Equal(again.tier, v.tier) || again.createdAt != v.createdAt {
+		again, err := decodeAccount((&accountRecord{Tier: string(v.tier), CreatedAt: v.createdAt, AlertBelow: v.alertBelow}).appendTo(nil))
+		if err != nil || !bytes.Equal(again.tier, v.tier) || again.createdAt != v.createdAt || again.alertBelow != v.alertBelow {
 			t.Fatalf("round trip: %+v, %v; want %+v", again, err, v)
 		}
 	})

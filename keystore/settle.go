@@ -242,13 +242,24 @@ func (s *Store) loadReservations(tx *bolt.Tx) error {
 		}
 		r := &reservation{id: string(id), key: e.cur, price: rec.Price, maxPrice: rec.MaxPrice,
 			deadline: rec.Deadline, seq: seq, open: true}
-		if s.shardOf(r.id).m[r.id] != nil {
-			return fmt.Errorf("request id %q has two open reservations", id)
+		// Two open reservations of one request ID are what a crash leaves
+		// between the write of the newer (by a Credit of its account, or a
+		// flush that caught it) and the deletion of the older, settled on
+		// another account: that settlement was lost with the crash. Both
+		// stay held. A log entry settles the newer; the older is kept under
+		// its disk key, which no request ID takes, and expires at its price.
+		sh, mapKey := s.shardOf(r.id), r.id
+		if old := sh.m[r.id]; old != nil {
+			if old.seq < r.seq {
+				sh.m[string(old.diskKey())] = old
+			} else {
+				mapKey = string(r.diskKey())
+			}
 		}
 		a := e.cur.acct
 		a.reserved += r.price
 		e.reserved += r.price
-		s.shardOf(r.id).m[r.id] = r
+		sh.m[mapKey] = r
 		s.openReservations.Add(1)
 		return nil
 	})

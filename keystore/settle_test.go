@@ -1,6 +1,8 @@
 package keystore_test
 
 import (
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -8,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/keystoretest"
@@ -336,11 +340,11 @@ func TestSettleConcurrentMixed(t *testing.T) {
 	info, secret := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}, SpendCap: 500_000})
 	k := mustLookup(t, s, secret)
 	var (
-		charged  atomic.Int64 // by Settle, Debit and the expiries
-		expired  atomic.Int64 // reservations committed at their price
-		stop     atomic.Bool
-		working  sync.WaitGroup
-		others   sync.WaitGroup
+		charged atomic.Int64 // by Settle, Debit and the expiries
+		expired atomic.Int64 // reservations committed at their price
+		stop    atomic.Bool
+		working sync.WaitGroup
+		others  sync.WaitGroup
 	)
 	for w := range workers {
 		working.Go(func() {
@@ -417,6 +421,7 @@ func TestReservationsSurviveReopen(t *testing.T) {
 	}{
 		{"soon", 10, 30, soon},
 		{"later", 20, 20, later},
+		{"costly", 5, 35, later},
 		{"settled", 40, 40, later},
 		{"released", 80, 80, later},
 	} {
@@ -435,7 +440,7 @@ func TestReservationsSurviveReopen(t *testing.T) {
 
 	r := mustOpen(t, path)
 	defer r.Close()
-	if got, want := ledgerOf(t, r, "acme", info.ID), (ledger{960, 30, 40, 30}); got != want {
+	if got, want := ledgerOf(t, r, "acme", info.ID), (ledger{960, 35, 40, 35}); got != want {
 		t.Fatalf("after reopen: %+v, want %+v", got, want)
 	}
 	for _, id := range []string{"settled", "released"} {
@@ -450,12 +455,12 @@ func TestReservationsSurviveReopen(t *testing.T) {
 	if n := r.ExpireReservations(soon); n != 1 {
 		t.Errorf("%d reservations expired at the first deadline, want 1", n)
 	}
-	if got, want := ledgerOf(t, r, "acme", info.ID), (ledger{950, 20, 50, 20}); got != want {
+	if got, want := ledgerOf(t, r, "acme", info.ID), (ledger{950, 25, 50, 25}); got != want {
 		t.Errorf("after the first expiry: %+v, want %+v (committed at its price)", got, want)
 	}
-	// maxPrice came back: "later" may be charged up to 20 only.
-	if st, charged := r.Settle("later", true, 1_000, true); st != keystore.SettleCommitted || charged != 20 {
-		t.Errorf("Settle(later) after reopen = %v, %d; want committed, 20", st, charged)
+	// maxPrice came back: "costly" may be charged up to 35.
+	if st, charged := r.Settle("costly", true, 1_000, true); st != keystore.SettleCommitted || charged != 35 {
+		t.Errorf("Settle(costly) after reopen = %v, %d; want committed, 35", st, charged)
 	}
 }
 
@@ -519,10 +524,12 @@ func TestCrashKeepsReservationWithItsCharge(t *testing.T) {
 		if got := ledgerOf(t, c, "acme", info.ID); got != want {
 			t.Errorf("crash %s: %+v, want %+v", step, got, want)
 		}
-		// What a restart does with what it found: expire it, at its price.
+		// What a restart does with what it found: expire it, at its price,
+		// and nothing else.
 		c.ExpireReservations(deadline)
-		if got := ledgerOf(t, c, "acme", info.ID); got.Spent > 250 || got.Balance+got.Spent != 1_000 {
-			t.Errorf("crash %s, then expiry: %+v; charged twice", step, got)
+		after := ledger{Balance: want.Balance - want.KeyReserved, Spent: want.Spent + want.KeyReserved}
+		if got := ledgerOf(t, c, "acme", info.ID); got != after {
+			t.Errorf("crash %s, then expiry: %+v, want %+v", step, got, after)
 		}
 	}
 	mustReserve(t, s, k, "req", 100, 250)
@@ -679,5 +686,187 @@ func TestReservationIDReused(t *testing.T) {
 				t.Errorf("Settle after reopen = %v, %d; want committed, 30", st, charged)
 			}
 		})
+	}
+}
+
+// TestUpgradeFromSchema1: a store written before reservations and alerts
+// (schema 1: no reservations or outbox bucket) opens, is upgraded in place
+// to schema 2, and keeps every account and key; reservations and the
+// outbox then work in it.
+func TestUpgradeFromSchema1(t *testing.T) {
+	path := tempPath(t)
+	s := mustOpen(t, path)
+	mustAccount(t, s, "acme", 10*money.PerUSD)
+	mustAccount(t, s, "beta", 0)
+	info, secret := mustKey(t, s, keystore.NewKey{Account: "acme", Name: "prod", Scopes: []string{"a", "b"}, SpendCap: money.PerUSD})
+	if _, err := s.Revoke(mustKeyID(t, s, "beta"), t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Debit(mustLookup(t, s, secret), 1_234); err != nil {
+		t.Fatal(err)
+	}
+	accounts, keys := s.Accounts(), s.Keys("")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Make it what schema 1 wrote: its records use no schema 2 field.
+	updateBolt(t, path, func(tx *bolt.Tx) error {
+		for _, b := range []string{"reservations", "outbox"} {
+			if err := tx.DeleteBucket([]byte(b)); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 1))
+	})
+
+	s, err := keystore.Open(path, keystore.Options{Outbox: true})
+	if err != nil {
+		t.Fatalf("Open of a schema 1 store: %v", err)
+	}
+	if diff := cmp.Diff(accounts, s.Accounts()); diff != "" {
+		t.Errorf("accounts after the upgrade (-before +after):\n%s", diff)
+	}
+	if diff := cmp.Diff(keys, s.Keys("")); diff != "" {
+		t.Errorf("keys after the upgrade (-before +after):\n%s", diff)
+	}
+	k := mustLookup(t, s, secret)
+	mustReserve(t, s, k, "req", 100, 100)
+	if err := s.Debit(k, money.PerUSD/2-1_234); err != nil { // to 50%: an alert in the outbox
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	viewBolt(t, path, func(tx *bolt.Tx) error {
+		if v := tx.Bucket([]byte("meta")).Get([]byte("schema_version")); binary.BigEndian.Uint64(v) != 2 {
+			t.Errorf("schema_version %x after the upgrade, want 2", v)
+		}
+		return nil
+	})
+	s = mustOpen(t, path)
+	defer s.Close()
+	if k := key(t, s, info.ID); k.Reserved != 100 || k.Spent != money.PerUSD/2 {
+		t.Errorf("after the upgrade and a reopen: reserved %d, spent %d; want 100 and %d", k.Reserved, k.Spent, money.PerUSD/2)
+	}
+	if p, err := s.PendingAlerts(); err != nil || len(p) != 1 {
+		t.Errorf("PendingAlerts = %+v, %v; want the 50%% alert", p, err)
+	}
+}
+
+// mustKeyID creates a key for account and returns its ID.
+func mustKeyID(t *testing.T, s *keystore.Store, account string) string {
+	t.Helper()
+	info, _ := mustKey(t, s, keystore.NewKey{Account: account, Scopes: []string{"a"}})
+	return info.ID
+}
+
+// updateBolt and viewBolt run f on the bbolt file of a closed store.
+func updateBolt(t *testing.T, path string, f func(tx *bolt.Tx) error) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.Update(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func viewBolt(t *testing.T, path string, f func(tx *bolt.Tx) error) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.View(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCrashWithAReusedID: a request ID settled on one account and reserved
+// again on another is written for the second by a Credit of its account,
+// before a flush deletes the first: a crash then leaves both on disk. The
+// store opens, with both held: a later log entry settles the newer, and
+// the older, whose settlement the crash lost, expires at its price.
+func TestCrashWithAReusedID(t *testing.T) {
+	path := tempPath(t)
+	s := mustOpen(t, path)
+	defer s.Close()
+	mustAccount(t, s, "a", 1_000)
+	mustAccount(t, s, "b", 1_000)
+	first, sa := mustKey(t, s, keystore.NewKey{Account: "a", Scopes: []string{"x"}})
+	second, sb := mustKey(t, s, keystore.NewKey{Account: "b", Scopes: []string{"x"}})
+	mustReserve(t, s, mustLookup(t, s, sa), "req", 10, 10)
+	mustFlush(t, s)
+	s.Settle("req", true, 0, false)
+	mustReserve(t, s, mustLookup(t, s, sb), "req", 30, 30)
+	if _, err := s.Credit("b", 1); err != nil { // writes b's reservation, not a's settlement
+		t.Fatal(err)
+	}
+	c, err := keystore.Open(crashCopy(t, path), keystore.Options{})
+	if err != nil {
+		t.Fatalf("Open after a crash: %v", err)
+	}
+	defer c.Close()
+	if got, want := ledgerOf(t, c, "a", first.ID), (ledger{1_000, 10, 0, 10}); got != want {
+		t.Errorf("account a after the crash: %+v, want %+v", got, want)
+	}
+	if got, want := ledgerOf(t, c, "b", second.ID), (ledger{1_001, 30, 0, 30}); got != want {
+		t.Errorf("account b after the crash: %+v, want %+v", got, want)
+	}
+	if st, charged := c.Settle("req", true, 0, false); st != keystore.SettleCommitted || charged != 30 {
+		t.Errorf("Settle after the crash = %v, %d; want the newer reservation committed at 30", st, charged)
+	}
+	if n := c.ExpireReservations(deadline); n != 1 {
+		t.Errorf("ExpireReservations = %d, want 1 (the older reservation)", n)
+	}
+	if got, want := ledgerOf(t, c, "a", first.ID), (ledger{990, 0, 10, 0}); got != want {
+		t.Errorf("account a after expiry: %+v, want %+v", got, want)
+	}
+}
+
+// TestRunExpires: Run expires reservations on the store's clock, and
+// flushes what it committed.
+func TestRunExpires(t *testing.T) {
+	path := tempPath(t)
+	clk := newClock(t0)
+	s := openWith(t, path, keystore.Options{Now: clk.Now, FlushInterval: 5 * time.Millisecond})
+	defer s.Close()
+	mustAccount(t, s, "acme", 1_000)
+	info, secret := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}})
+	k := mustLookup(t, s, secret)
+	if err := s.Reserve(k, "due", 100, 100, t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reserve(k, "not due", 50, 50, t0.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- s.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-ran; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	}()
+	clk.set(t0.Add(time.Minute)) // the first deadline, on the store's clock only
+	// Wait (boundedly) until Run has expired it and flushed the charge.
+	want := ledger{900, 50, 100, 50}
+	for start := time.Now(); ; time.Sleep(5 * time.Millisecond) {
+		c := mustOpen(t, crashCopy(t, path))
+		got := ledgerOf(t, c, "acme", info.ID)
+		c.Close()
+		if got == want {
+			break
+		}
+		if time.Since(start) > 30*time.Second {
+			t.Fatalf("on disk: %+v, want %+v", got, want)
+		}
+	}
+	if got := ledgerOf(t, s, "acme", info.ID); got != want {
+		t.Errorf("in memory: %+v, want %+v", got, want)
 	}
 }
