@@ -84,12 +84,17 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 // spendDenial answers a failed debit or reservation.
 func spendDenial(err error) *Denial {
 	switch {
+	case errors.Is(err, keystore.ErrInsufficientBalance):
+		return denyBalance
 	case errors.Is(err, keystore.ErrSpendCap):
 		return denySpendCap
 	case errors.Is(err, keystore.ErrDuplicateRequest):
 		return denyDuplicate
 	}
-	return denyBalance // ErrInsufficientBalance, or any ledger failure: never allow unpaid
+	// The ledger could not say (a shared store that is unreachable, or
+	// has lost its data): refused, never allowed unpaid, and not blamed on
+	// the customer's balance.
+	return denyBilling
 }
 
 // rateDenial returns the 429 for keys limited to r. Its body is built once

@@ -71,6 +71,9 @@ var (
 		Message: "Another request with this request id is still in flight; give each request its own x-request-id"})
 	denyMalformed = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "malformed",
 		Message: "The authorization request could not be decoded"})
+	// denyBilling answers a Check whose spend the ledger could not decide.
+	denyBilling = fixed(&Denial{Status: 503, Type: "api_error", Reason: "billing_unavailable",
+		Message: "Billing is temporarily unavailable; retry shortly"})
 	// denyInternal answers a Check that hit a bug: refused, never allowed.
 	denyInternal = fixed(&Denial{Status: 503, Type: "api_error", Reason: "internal",
 		Message: "The authorization service failed on this request"})

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -89,7 +90,10 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 		cancel()
 		return nil, nil, nil, err
 	}
-	store, err := keystore.Open(a.db, keystore.Options{LockTimeout: time.Second})
+	// With store: redis in the config, the file is this machine's mirror
+	// and the command goes to Redis, as a server's admin API would.
+	cfg.DB = a.db
+	be, err := openBackend(cfg, keystore.Options{LockTimeout: time.Second}, zap.NewNop(), nil)
 	if err != nil {
 		cancel()
 		if errors.Is(err, keystore.ErrLocked) {
@@ -99,7 +103,7 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 	}
 	lis := bufconn.Listen(1 << 20)
 	gs := grpc.NewServer()
-	adminv1.RegisterAdminServer(gs, admin.New(store, cfg))
+	adminv1.RegisterAdminServer(gs, admin.New(be.admin, cfg))
 	go gs.Serve(lis) //nolint:errcheck // ends with gs.Stop below
 	cc, err := grpc.NewClient("passthrough:///keygate-db",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
@@ -107,14 +111,14 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 	if err != nil {
 		cancel()
 		gs.Stop()
-		store.Close()
+		be.close() //nolint:errcheck // the dial error matters more
 		return nil, nil, nil, err
 	}
 	release := func() {
 		cancel()
 		cc.Close()
 		gs.Stop()
-		if err := store.Close(); err != nil {
+		if err := be.close(); err != nil {
 			fmt.Fprintf(c.ErrOrStderr(), "keygate: closing %s: %v\n", a.db, err)
 		}
 	}

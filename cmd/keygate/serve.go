@@ -133,14 +133,15 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		log.Warn("ledger flush interval set from KEYGATE_FLUSH_INTERVAL", zap.Duration("interval", d))
 		opts.FlushInterval = d
 	}
-	store, err := keystore.Open(cfg.DB, opts)
+	be, err := openBackend(cfg, opts, log, reg)
 	if err != nil {
 		return err
 	}
+	store := be.local
 	storeClosed := false
 	defer func() {
 		if !storeClosed {
-			store.Close() //nolint:errcheck // an earlier error is being returned
+			be.close() //nolint:errcheck // an earlier error is being returned
 		}
 	}()
 
@@ -152,9 +153,8 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		return err
 	}
 
-	limiter := ratelimit.NewLimiter()
 	az, err := authz.New(authz.Config{
-		Keys: store, Routes: cfg.Routes, Limiter: limiter, TierRate: cfg.TierRate,
+		Keys: be.keys, Routes: cfg.Routes, Limiter: be.limiter, TierRate: cfg.TierRate,
 		Log: log.Named("authz"), Metrics: reg,
 		OnResponse: cfg.Settle == config.SettleOnResponse, SettleTimeout: cfg.SettleTimeout,
 	})
@@ -193,7 +193,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	hs.SetServingStatus(authv3.Authorization_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 
 	adminSrv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverUnary(log), admin.RequireToken(adminToken)))
-	adminv1.RegisterAdminServer(adminSrv, admin.New(store, cfg))
+	adminv1.RegisterAdminServer(adminSrv, admin.New(be.admin, cfg))
 
 	var ready atomic.Bool
 	mux := http.NewServeMux()
@@ -226,6 +226,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		zap.String("listen", checkLis.Addr().String()), zap.String("admin_listen", adminLis.Addr().String()),
 		zap.String("http_listen", httpLis.Addr().String()),
 		zap.Strings("scopes", cfg.Routes.Scopes()),
+		zap.String("store", string(cfg.Store)),
 		zap.String("settle", string(cfg.Settle)), zap.Bool("alert_webhook", cfg.Alerts.WebhookURL != ""))
 	ready.Store(true)
 
@@ -238,9 +239,10 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		}
 		return nil
 	})
-	g.Go(func() error { return store.Run(gctx) })
+	for _, loop := range be.loops {
+		g.Go(func() error { return loop(gctx) })
+	}
 	g.Go(func() error { return notifier.Run(gctx) })
-	g.Go(func() error { sweep(gctx, limiter); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
 		log.Info("stopping: draining in-flight checks")
@@ -258,7 +260,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	})
 	runErr := g.Wait()
 	storeClosed = true
-	if err := store.Close(); err != nil { // ...so the last flush comes after them
+	if err := be.close(); err != nil { // ...so the last flush comes after them
 		return errors.Join(runErr, fmt.Errorf("final ledger flush: %w", err))
 	}
 	log.Info("stopped: ledger flushed")

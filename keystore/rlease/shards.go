@@ -88,15 +88,3 @@ func (t *shards[V]) removeIf(key string, v *V, drop func(*V) bool) bool {
 	delete(sh.m, key)
 	return true
 }
-
-// len returns the number of states held.
-func (t *shards[V]) len() int {
-	n := 0
-	for i := range t.s {
-		sh := &t.s[i]
-		sh.mu.RLock()
-		n += len(sh.m)
-		sh.mu.RUnlock()
-	}
-	return n
-}

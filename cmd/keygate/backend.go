@@ -1,0 +1,132 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/keygate/keygate/authz"
+	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/cmd/keygate/config"
+	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/admin"
+	"github.com/keygate/keygate/keystore/rconn"
+	"github.com/keygate/keygate/keystore/redisstore"
+	"github.com/keygate/keygate/keystore/rlease"
+)
+
+// backend is where a keygate process keeps accounts, keys and money: the
+// bbolt store alone (store: bbolt), or Redis shared by every replica, with
+// the bbolt file as this replica's last known key records (store: redis).
+type backend struct {
+	local   *keystore.Store // the bbolt file; in Redis mode, the mirror
+	keys    authz.Keys
+	admin   admin.Store
+	limiter authz.RateLimiter
+	// loops run until their context is done; close runs after they all
+	// returned: it writes what is still in memory (the last flush, the last
+	// spend report) and releases the files and connections.
+	loops []func(ctx context.Context) error
+	close func() error
+}
+
+// openBackend opens the store that cfg names. o configures the bbolt file.
+func openBackend(cfg *config.Config, o keystore.Options, log *zap.Logger, reg prometheus.Registerer) (*backend, error) {
+	local, err := keystore.Open(cfg.DB, o)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Store != config.StoreRedis {
+		limiter := ratelimit.NewLimiter()
+		return &backend{
+			local: local, keys: local, admin: local, limiter: limiter,
+			loops: []func(context.Context) error{
+				local.Run,
+				func(ctx context.Context) error { sweep(ctx, limiter); return nil },
+			},
+			close: local.Close,
+		}, nil
+	}
+	b, err := openRedis(cfg, local, log, reg)
+	if err != nil {
+		local.Close() //nolint:errcheck // the open error matters more
+		return nil, err
+	}
+	return b, nil
+}
+
+// openRedis builds the Redis-mode backend over the opened mirror.
+func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg prometheus.Registerer) (*backend, error) {
+	r := cfg.Redis
+	rc := rconn.Config{Addr: r.Addr, Password: r.Password, DB: r.DB, KeyPrefix: r.KeyPrefix, Timeout: cfg.RedisTimeout}
+	if r.TLS != nil {
+		rc.TLS = &rconn.TLS{CAFile: r.TLS.CAFile, ServerName: r.TLS.ServerName}
+	}
+	// go-redis logs dial failures through a process-wide logger; they go to
+	// ours, at debug: the breaker already reports an outage once.
+	redis.SetLogger(redisLog{log.Named("redis").Sugar()})
+	conn, err := rconn.Dial(rc, rconn.Options{Log: log.Named("redis"), Metrics: reg})
+	if err != nil {
+		return nil, fmt.Errorf("redis: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	for _, w := range conn.CheckPersistence(ctx) {
+		log.Warn("redis persistence: " + w)
+	}
+	cancel()
+	replica := replicaID()
+	outage := rlease.FailClosed
+	if r.Outage == config.OutageAllowLocal {
+		outage = rlease.AllowLocal
+	}
+	ledger, err := rlease.NewLedger(conn, rlease.LedgerOptions{
+		ReplicaID: replica, Outage: outage, OutageAllowance: cfg.OutageAllowance,
+		Log: log.Named("lease"), Metrics: reg,
+	})
+	if err != nil {
+		conn.Close() //nolint:errcheck // the error above matters more
+		return nil, err
+	}
+	limiter := rlease.NewLimiter(conn, rlease.LimiterOptions{
+		ReplicaID: replica, Live: ledger.LiveReplicas, Log: log.Named("ratelimit"), Metrics: reg,
+	})
+	rs, err := redisstore.Open(conn, local, redisstore.Options{
+		ReplicaID: replica, Ledger: ledger, Log: log.Named("redisstore"), Metrics: reg,
+	})
+	if err != nil {
+		conn.Close() //nolint:errcheck // the error above matters more
+		return nil, err
+	}
+	return &backend{
+		local: local, keys: rs, admin: rs, limiter: limiter,
+		loops: []func(context.Context) error{conn.Run, ledger.Run, limiter.Run, rs.Run, local.Run},
+		close: func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			err := ledger.Close(ctx) // the last spend report, and every lease back
+			return errors.Join(err, conn.Close(), local.Close())
+		},
+	}, nil
+}
+
+// replicaID names this process among the replicas sharing a Redis: the
+// host name (a pod's name) and the process ID, so that two processes on
+// one host never share leases.
+func replicaID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "keygate"
+	}
+	return fmt.Sprintf("%s-%d", host, os.Getpid())
+}
+
+// redisLog hands go-redis's messages to zap.
+type redisLog struct{ s *zap.SugaredLogger }
+
+func (l redisLog) Printf(_ context.Context, format string, v ...any) { l.s.Debugf(format, v...) }

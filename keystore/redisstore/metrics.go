@@ -1,0 +1,70 @@
+package redisstore
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Reasons for a full sync, the label of keygate_redis_mirror_syncs_total.
+const (
+	syncStart   = "start"   // Run's first round
+	syncGap     = "gap"     // the stream skipped a version: trimmed past this replica, or an entry lost
+	syncVersion = "version" // P version is not what the stream gave: a change lost, or Redis went back
+	syncError   = "error"   // Redis failed (an outage, a bad entry): read everything again
+)
+
+type metrics struct {
+	dataLost prometheus.Gauge
+	syncs    *prometheus.CounterVec
+	changes  prometheus.Counter
+}
+
+// newMetrics builds the metrics and registers them with reg when it is not
+// nil. A collector already registered under the same name (a second store
+// in one registry, as in tests) is shared rather than refused.
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	lost, err := register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "keygate_redis_data_lost",
+		Help: "1 when Redis has lost keygate's data (its marker is missing or changed): spending fails closed until an operator recovers.",
+	}))
+	if err != nil {
+		return nil, err
+	}
+	syncs, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keygate_redis_mirror_syncs_total",
+		Help: "Full syncs of the local key mirror from Redis, by reason (start, gap, version, error).",
+	}, []string{"reason"}))
+	if err != nil {
+		return nil, err
+	}
+	changes, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_redis_mirror_changes_total",
+		Help: "Entries of the Redis change stream applied to the local key mirror.",
+	}))
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range []string{syncStart, syncGap, syncVersion, syncError} {
+		syncs.WithLabelValues(r)
+	}
+	return &metrics{dataLost: lost, syncs: syncs, changes: changes}, nil
+}
+
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	if reg == nil {
+		return c, nil
+	}
+	err := reg.Register(c)
+	if err == nil {
+		return c, nil
+	}
+	var are prometheus.AlreadyRegisteredError
+	if errors.As(err, &are) {
+		if existing, ok := are.ExistingCollector.(C); ok {
+			return existing, nil
+		}
+	}
+	return c, fmt.Errorf("register redis store metrics: %w", err)
+}
