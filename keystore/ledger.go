@@ -15,6 +15,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
 
+	"github.com/keygate/keygate/keystore/metric"
 	"github.com/keygate/keygate/keystore/money"
 )
 
@@ -621,14 +622,14 @@ type ledgerMetrics struct {
 // when it is not nil. A collector already registered under the same name (a
 // second store in one registry, as in tests) is shared rather than refused.
 func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
-	flushes, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	flushes, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricFlushes,
 		Help: "Ledger flushes that had balances or spends to write, by result.",
 	}, []string{"result"}))
 	if err != nil {
 		return nil, err
 	}
-	duration, err := register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+	duration, err := metric.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    metricDuration,
 		Help:    "Time taken by one ledger flush, from the snapshot to the fsync, pauses of a paced flush included.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5ms .. 4s
@@ -636,14 +637,14 @@ func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	entries, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	entries, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: metricEntries,
 		Help: "Balances and key spends written by successful ledger flushes.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	expired, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	expired, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "keygate_reservations_expired_total",
 		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
 	}))
@@ -670,23 +671,6 @@ func (m *ledgerMetrics) openReservations(s *Store) {
 		Name: "keygate_reservations_open",
 		Help: "Reservations held by allowed requests whose access-log entry has not settled them yet.",
 	}, func() float64 { return float64(s.openReservations.Load()) }))
-}
-
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register ledger metrics: %w", err)
 }
 
 // observe records one flush that had n values to write (0: nothing to do,

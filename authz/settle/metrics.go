@@ -2,11 +2,11 @@ package settle
 
 import (
 	"errors"
-	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/metric"
 )
 
 // Values of keygate_access_log_entries_ignored_total's reason label.
@@ -28,19 +28,19 @@ type metrics struct {
 // counters). A registry that already has them, from an earlier Server in
 // the same process, shares its counters.
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
-	settlements, err1 := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	settlements, err1 := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "keygate_settlements_total",
 		Help: "Final access-log entries settled, by what the ledger did: committed, released, or unknown (no open reservation for the request id).",
 	}, []string{"result"}))
-	costInvalid, err2 := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	costInvalid, err2 := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "keygate_settle_cost_header_invalid_total",
 		Help: "Cost headers that were not a non-negative USD amount with at most 6 decimal places; the route's price applied instead.",
 	}))
-	ignored, err3 := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	ignored, err3 := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "keygate_access_log_entries_ignored_total",
 		Help: "Access-log entries that settle nothing, by reason: not_final, tcp, no_request_id, denied (keygate refused the request, so it reserved nothing).",
 	}, []string{"reason"}))
-	micros, err4 := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	micros, err4 := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "keygate_settled_micros_total",
 		Help: "Amount charged by committed settlements, in micro-USD.",
 	}))
@@ -69,23 +69,4 @@ func (m *metrics) settled(result keystore.Settled) prometheus.Counter {
 		return c
 	}
 	return m.settlements[keystore.SettleUnknown]
-}
-
-// register registers c on reg, or returns the collector reg already has
-// under c's name.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register settlement metrics: %w", err)
 }

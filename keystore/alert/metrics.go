@@ -1,12 +1,10 @@
 package alert
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/metric"
 )
 
 // Metric names, declared once.
@@ -28,28 +26,28 @@ type metrics struct {
 // it is not nil. A collector already registered under the same name (a
 // second notifier in one registry, as in tests) is shared.
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
-	alerts, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	alerts, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricAlerts,
 		Help: "Alerts raised (thresholds crossed), by type.",
 	}, []string{"type"}))
 	if err != nil {
 		return nil, err
 	}
-	overflow, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	overflow, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: metricOverflow,
 		Help: "Alerts the in-memory queue had no room for; they wait in the outbox.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	deliveries, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	deliveries, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricDeliveries,
 		Help: "Webhook delivery attempts by result: ok, retry (failed, tried again later), gave_up (failed past the maximum age).",
 	}, []string{"result"}))
 	if err != nil {
 		return nil, err
 	}
-	pending, err := register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+	pending, err := metric.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: metricPending,
 		Help: "Alerts in memory not yet delivered or given up: queued, in flight or waiting to retry.",
 	}))
@@ -67,21 +65,4 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		gaveUp:   deliveries.WithLabelValues("gave_up"),
 		pending:  pending,
 	}, nil
-}
-
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register alert metrics: %w", err)
 }

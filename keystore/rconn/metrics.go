@@ -1,10 +1,11 @@
 package rconn
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keygate/keygate/keystore/metric"
 )
 
 // Metric names, declared once.
@@ -33,28 +34,28 @@ type opMetrics struct {
 // when it is not nil. A collector already registered under the same name (a
 // second Conn in one registry, as in tests) is shared.
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
-	commands, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	commands, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricCommands,
 		Help: "Calls to Redis by op and result: ok (Redis answered), error (Redis failed, timed out, or the caller gave up) or refused (breaker open, Redis not called).",
 	}, []string{"op", "result"}))
 	if err != nil {
 		return nil, err
 	}
-	open, err := register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+	open, err := metric.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: metricBreakerOpen,
 		Help: "1 while the Redis circuit breaker is open (Redis calls refused), else 0.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	up, err := register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+	up, err := metric.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: metricUp,
 		Help: "1 while Redis is considered available (breaker closed), 0 during an outage.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	duration, err := register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+	duration, err := metric.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    metricDuration,
 		Help:    "Time taken by Redis calls that were not refused, from the call to its answer or failure.",
 		Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1},
@@ -78,21 +79,4 @@ func (c *Conn) opMetrics(op string) *opMetrics {
 	}
 	v, _ := c.ops.LoadOrStore(op, om)
 	return v.(*opMetrics)
-}
-
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register redis metrics: %w", err)
 }

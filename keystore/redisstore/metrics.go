@@ -1,10 +1,9 @@
 package redisstore
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keygate/keygate/keystore/metric"
 )
 
 // Reasons for a full sync, the label of keygate_redis_mirror_syncs_total.
@@ -25,21 +24,21 @@ type metrics struct {
 // nil. A collector already registered under the same name (a second store
 // in one registry, as in tests) is shared rather than refused.
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
-	lost, err := register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+	lost, err := metric.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "keygate_redis_data_lost",
 		Help: "1 when Redis has lost keygate's data (its marker is missing or changed): spending fails closed until an operator recovers.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	syncs, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	syncs, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "keygate_redis_mirror_syncs_total",
 		Help: "Full syncs of the local key mirror from Redis, by reason (start, gap, version, error).",
 	}, []string{"reason"}))
 	if err != nil {
 		return nil, err
 	}
-	changes, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	changes, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "keygate_redis_mirror_changes_total",
 		Help: "Entries of the Redis change stream applied to the local key mirror.",
 	}))
@@ -50,21 +49,4 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		syncs.WithLabelValues(r)
 	}
 	return &metrics{dataLost: lost, syncs: syncs, changes: changes}, nil
-}
-
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register redis store metrics: %w", err)
 }

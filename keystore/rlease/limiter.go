@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/keystore/metric"
 	"github.com/keygate/keygate/keystore/rconn"
 )
 
@@ -109,7 +110,7 @@ func newLimiter(c conn, o LimiterOptions) *Limiter {
 		l.now = time.Now
 	}
 	l.live.Store(1)
-	requests, err := register(o.Metrics, newLeaseRequests())
+	requests, err := metric.Register(o.Metrics, newLeaseRequests())
 	if err != nil {
 		l.log.Error("rate lease metrics not registered", zap.Error(err))
 		requests = newLeaseRequests()

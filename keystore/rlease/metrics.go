@@ -1,10 +1,9 @@
 package rlease
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keygate/keygate/keystore/metric"
 )
 
 // Metric names, declared once.
@@ -51,18 +50,18 @@ func leaseMetricsFor(v *prometheus.CounterVec, kind string) leaseMetrics {
 }
 
 func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
-	requests, err := register(reg, newLeaseRequests())
+	requests, err := metric.Register(reg, newLeaseRequests())
 	if err != nil {
 		return nil, err
 	}
-	returned, err := register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+	returned, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 		Name: metricReturned,
 		Help: "Money leases returned to Redis unspent (idle, at shutdown), in micro-dollars.",
 	}))
 	if err != nil {
 		return nil, err
 	}
-	outage, err := register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+	outage, err := metric.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricOutageSpends,
 		Help: "Spends that needed Redis while it was unavailable, by result (allowed from the local allowance, denied).",
 	}, []string{"result"}))
@@ -75,25 +74,4 @@ func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
 		outageAllowed: outage.WithLabelValues("allowed"),
 		outageDenied:  outage.WithLabelValues("denied"),
 	}, nil
-}
-
-// register registers c with reg, or returns the collector already
-// registered under the same description: the Ledger and the Limiter share
-// keygate_lease_requests_total. A nil reg registers nothing.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if reg == nil {
-		return c, nil
-	}
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	var are prometheus.AlreadyRegisteredError
-	if errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	var zero C
-	return zero, fmt.Errorf("register metrics: %w", err)
 }
