@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -115,27 +116,97 @@ func WithAlertBelow(m money.Micros) AccountOption {
 // caller holds the account's mutex.
 func (s *Store) crossedLocked(k *Key, balBefore, spentBefore money.Micros) {
 	a, e := k.acct, k.entry
-	var at time.Time
-	newAlert := func(a Alert) Alert {
-		if at.IsZero() {
-			at = s.now().UTC()
-		}
-		a.ID, a.At, a.Account = s.alertID(at), at, k.acct.id
-		return a
+	c := Crossing{KeyID: k.ID, Account: a.id, Cap: k.SpendCap, SpentBefore: spentBefore, SpentAfter: e.spent,
+		AlertBelow: a.alertBelow, BalanceBefore: balBefore, BalanceAfter: a.balance}
+	if !c.crossesAny(s.thresholds) {
+		return
 	}
-	if k.SpendCap > 0 {
-		for _, t := range s.thresholds {
-			th := thresholdMicros(k.SpendCap, t)
-			if spentBefore < th && e.spent >= th {
-				a.alerts = append(a.alerts, newAlert(Alert{Type: AlertKeySpend,
-					KeyID: k.ID, Threshold: t, Spent: e.spent, Cap: k.SpendCap}))
+	for _, al := range Crossings(c, s.thresholds, s.now()) {
+		al.ID = s.alertID(al.At)
+		a.alerts = append(a.alerts, al)
+	}
+}
+
+// A Crossing is one charge as alert detection sees it: a key's spend and
+// its account's balance before and after it.
+type Crossing struct {
+	KeyID, Account              string
+	Cap                         money.Micros // 0: no key alerts
+	SpentBefore, SpentAfter     money.Micros
+	AlertBelow                  money.Micros // 0: no balance alert
+	BalanceBefore, BalanceAfter money.Micros
+}
+
+// crossesAny reports cheaply whether Crossings would return anything.
+func (c Crossing) crossesAny(thresholds []float64) bool {
+	if c.AlertBelow > 0 && c.BalanceBefore >= c.AlertBelow && c.BalanceAfter < c.AlertBelow {
+		return true
+	}
+	if c.Cap <= 0 {
+		return false
+	}
+	for _, t := range thresholds {
+		if th := thresholdMicros(c.Cap, t); c.SpentBefore < th && c.SpentAfter >= th {
+			return true
+		}
+	}
+	return false
+}
+
+// Crossings returns the alerts that the charge c crossed at now: one per
+// key threshold (a fraction of the cap) that the spend reached from below
+// (≥), and one when the balance fell under the account's alert level. A
+// store that applies each charge once, atomically, sees each crossing once:
+// the bbolt ledger, and in Redis mode the replica whose script applied the
+// charge. The alerts have no ID yet: RaiseAlerts gives them one.
+func Crossings(c Crossing, thresholds []float64, now time.Time) []Alert {
+	at := now.UTC()
+	var out []Alert
+	if c.Cap > 0 {
+		for _, t := range thresholds {
+			if th := thresholdMicros(c.Cap, t); c.SpentBefore < th && c.SpentAfter >= th {
+				out = append(out, Alert{Type: AlertKeySpend, KeyID: c.KeyID, Account: c.Account, At: at,
+					Threshold: t, Spent: c.SpentAfter, Cap: c.Cap})
 			}
 		}
 	}
-	if a.alertBelow > 0 && balBefore >= a.alertBelow && a.balance < a.alertBelow {
-		a.alerts = append(a.alerts, newAlert(Alert{Type: AlertAccountBalanceLow,
-			Balance: a.balance, AlertBelow: a.alertBelow}))
+	if c.AlertBelow > 0 && c.BalanceBefore >= c.AlertBelow && c.BalanceAfter < c.AlertBelow {
+		out = append(out, Alert{Type: AlertAccountBalanceLow, Account: c.Account, At: at,
+			Balance: c.BalanceAfter, AlertBelow: c.AlertBelow})
 	}
+	return out
+}
+
+// RaiseAlerts records alerts detected outside this store's ledger (in Redis
+// mode, by the replica that applied the charge): each gets an ID, is written
+// to the outbox (with Options.Outbox) durably, and is handed to
+// Options.OnAlert.
+func (s *Store) RaiseAlerts(alerts []Alert) error {
+	if len(alerts) == 0 {
+		return nil
+	}
+	alerts = slices.Clone(alerts)
+	for i := range alerts {
+		if alerts[i].ID == "" {
+			alerts[i].ID = s.alertID(alerts[i].At)
+		}
+	}
+	if s.outbox {
+		s.lock()
+		if s.closed {
+			s.wmu.Unlock()
+			return ErrClosed
+		}
+		err := s.db.Update(func(tx *bolt.Tx) error { return s.writeChangesLocked(tx, nil, alerts) })
+		s.wmu.Unlock()
+		if err != nil {
+			return fmt.Errorf("write %d alerts to the outbox: %w", len(alerts), err)
+		}
+	}
+	if s.onAlert != nil {
+		s.onAlert(alerts)
+	}
+	return nil
 }
 
 // thresholdMicros is the spend at which fraction t of cap is reached: the
