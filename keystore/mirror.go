@@ -224,7 +224,12 @@ func (p Period) ResetsAt(t time.Time) time.Time { return p.resetsAt(t) }
 
 // CapPeriod returns the period of the key's spend cap. It never changes
 // after the key's creation (Mirror refuses a change), so it needs no lock.
-func (k *Key) CapPeriod() Period { return k.entry.capPeriod }
+func (k *Key) CapPeriod() Period {
+	if k.entry == nil { // a Key not published by a store
+		return PeriodNone
+	}
+	return k.entry.capPeriod
+}
 
 // metaUserPrefix keeps the entries of Meta and SetMeta apart from the
 // store's own in the meta bucket.

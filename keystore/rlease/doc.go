@@ -3,8 +3,9 @@
 // one cap per key and one rate limit per key while most Checks stay local.
 //
 // Money (Ledger): each replica holds, per key, a lease drawn at once from
-// the account's balance (bal − leased) and the key's cap (cap − spent −
-// leased). Spend takes the price from it in memory; when it is short, one
+// the account's balance (bal − leased − reserved) and the key's cap (cap −
+// spent − leased − reserved; reserved is what redisstore's open
+// reservations hold). Spend takes the price from it in memory; when it is short, one
 // Lua call leases min(64 prices, available / (2 × live replicas)), at least
 // what is missing, or refuses with the limit that cannot cover the price.
 // Every second (and at Close) one report per replica, sequence-numbered so
@@ -14,6 +15,21 @@
 // was lost is adopted rather than leaked. Across replicas the balance never
 // goes below zero and no key spends past its cap.
 //
+// Cap periods: a key with a day or month cap has its spent in the key
+// hash's period (days or months since 1970, UTC); a lease or report that
+// finds an earlier period there starts spent over at 0 first. What a
+// replica spent before a period ended and reports just after it (at most
+// a report's second) counts in the new period, and leases held across the
+// boundary count against the new period's cap: never more than the cap.
+//
+// Alerts: each report returns, per key charged, its spend and its
+// account's balance just after the charge (and the account's alert
+// level); the replica whose report Redis applied computes the crossings
+// (keystore.Crossings) and hands them to LedgerOptions.Alerts. Redis
+// applies a report once, so each crossing is raised once across replicas;
+// a retry after a lost reply gets the applied report's values back (kept
+// for an hour) and raises what the lost reply would have.
+//
 // Rate (Limiter): each key's token bucket is a GCRA in Redis (its
 // theoretical arrival time, as in ratelimit.Limiter); a replica leases at
 // most 5% of N tokens at a time and returns what is left within a second.
@@ -21,9 +37,10 @@
 // pass N; when demand exceeds the limit, at least the limit passes.
 //
 // Redis keys (P is the key prefix): acct:{id} and key:{id} hold the money
-// fields this package owns (bal updates, leased, spent) beside what
-// redisstore writes (key:{id}'s account field is read when reclaiming);
-// lease:{replica}, reports:{replica}, replicas and rl:{key} are this
+// fields this package owns (bal updates, leased, spent, period) beside
+// what redisstore writes (reserved and alert_below are read; key:{id}'s
+// account field is read when reclaiming); lease:{replica},
+// reports:{replica}, reported:{replica}, replicas and rl:{key} are this
 // package's.
 //
 // Redis down: a lease held is still spent (for 15s after Redis last heard

@@ -13,6 +13,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/keygate/keygate/keystore"
+	"github.com/keygate/keygate/keystore/keystoretest"
 	"github.com/keygate/keygate/keystore/money"
 	"github.com/keygate/keygate/keystore/rconn"
 	"github.com/keygate/keygate/keystore/rconn/rconntest"
@@ -47,9 +48,10 @@ func dial(t testing.TB, srv *rconntest.Server) *rconn.Conn {
 // admin is a direct client for setting up and reading what redisstore
 // would write, and what the scripts leave.
 type admin struct {
-	t testing.TB
-	c *rconn.Conn
-	r *redis.Client
+	t     testing.TB
+	c     *rconn.Conn
+	r     *redis.Client
+	local *keystore.Store // the replica's mirror that keys are looked up in; opened on first use
 }
 
 func newAdmin(t testing.TB, c *rconn.Conn) *admin {
@@ -68,10 +70,44 @@ func (a *admin) account(id string, bal money.Micros) {
 // would, and returns it as a Check sees it.
 func (a *admin) key(id, acct string, capM money.Micros) *keystore.Key {
 	a.t.Helper()
+	return a.periodKey(id, acct, capM, keystore.PeriodNone)
+}
+
+// periodKey is key with a cap period. The key is looked up in a local
+// store that mirrors its record, as a replica's Check finds it.
+func (a *admin) periodKey(id, acct string, capM money.Micros, p keystore.Period) *keystore.Key {
+	a.t.Helper()
 	if err := a.r.HSet(context.Background(), a.c.Key("key", id), "account", acct).Err(); err != nil {
 		a.t.Fatal(err)
 	}
-	return &keystore.Key{ID: id, Account: acct, SpendCap: capM}
+	if a.local == nil {
+		a.local = keystoretest.Open(a.t)
+	}
+	secret, hash, err := keystore.NewSecret()
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	created := time.Unix(1_700_000_000, 0)
+	err = a.local.Mirror([]keystore.AccountRecord{{ID: acct, CreatedAt: created}},
+		[]keystore.KeyRecord{{ID: id, Hash: hash, Account: acct, Scopes: []string{"test"},
+			SpendCap: capM, CapPeriod: p, CreatedAt: created}})
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	k, ok := a.local.Lookup(secret, created)
+	if !ok {
+		a.t.Fatalf("key %s not found in the mirror", id)
+	}
+	return k
+}
+
+// set writes hash fields directly, as redisstore (reservations, alert
+// levels) or an earlier period would have left them.
+func (a *admin) set(key string, fieldValues ...any) {
+	a.t.Helper()
+	if err := a.r.HSet(context.Background(), key, fieldValues...).Err(); err != nil {
+		a.t.Fatal(err)
+	}
 }
 
 // field reads an integer hash field (0 when missing).

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,9 +89,22 @@ type LedgerOptions struct {
 	// Journal keeps outage spends until Redis has them; nil: memory only
 	// (lost if the replica stops before Redis is back).
 	Journal Journal
+	// Thresholds are the fractions of a key's spend cap whose crossing
+	// raises a key_spend alert; nil means keystore.DefaultAlertThresholds,
+	// empty means none.
+	Thresholds []float64
+	// Alerts, if not nil, is given the alerts that each report round
+	// crossed: the key thresholds its charges reached and the accounts
+	// they took below their alert level. Redis applies each report once,
+	// so across all replicas each crossing reaches one replica's Alerts
+	// once. It runs in Run and Close (never in Spend), outside the
+	// ledger's locks, and should not block: hand the alerts on.
+	Alerts  func([]keystore.Alert)
 	Log     *zap.Logger
 	Metrics prometheus.Registerer
-	Now     func() time.Time // nil: time.Now
+	// Now is the clock of leases, reports, cap periods and alerts; nil:
+	// time.Now. Tests inject theirs.
+	Now func() time.Time
 }
 
 // conn is what the ledger and the limiter use of an *rconn.Conn.
@@ -158,9 +172,13 @@ type keyState struct {
 	epoch       uint64 // lease calls started: a report adopts only if none started since it was built
 	unsure      int    // reports still to check what Redis holds (a lease reply was lost)
 	removed     bool   // dropped from the map: look the key up again
+	// The key's cap and cap period as last spent with: reports roll the
+	// key's spend into the current period and check alerts against them.
+	cap    money.Micros
+	period keystore.Period
 
 	// Immutable.
-	id, acctKey, keyKey string
+	id, account, acctKey, keyKey string
 }
 
 // NewLedger returns a Ledger using c. It does not wait for Redis. With a
@@ -205,6 +223,10 @@ func newLedger(c conn, o LedgerOptions) (*Ledger, error) {
 	if l.now == nil {
 		l.now = time.Now
 	}
+	if l.o.Thresholds == nil {
+		l.o.Thresholds = keystore.DefaultAlertThresholds
+	}
+	l.o.Thresholds = slices.Sorted(slices.Values(l.o.Thresholds))
 	l.live.Store(1)
 	// Sequence numbers grow across restarts under the same ReplicaID: a
 	// process starting a millisecond later starts 1000 numbers higher, and
@@ -265,6 +287,12 @@ func (l *Ledger) Spend(k *keystore.Key, price money.Micros) error {
 		s.mu.Unlock()
 		return ErrClosed
 	}
+	// A cap period needs a cap, so CapPeriod is read only for a capped key
+	// (a Key built by hand, as other packages' tests do, has none to read).
+	s.cap, s.period = k.SpendCap, keystore.PeriodNone
+	if k.SpendCap > 0 {
+		s.period = k.CapPeriod()
+	}
 	if s.lease >= price && l.leaseFresh(now) {
 		s.lease -= price
 		s.used += price
@@ -286,7 +314,16 @@ func (l *Ledger) state(k *keystore.Key) *keyState {
 }
 
 func (l *Ledger) newState(keyID, account string) *keyState {
-	return &keyState{id: keyID, acctKey: l.c.Key("acct", account), keyKey: l.c.Key("key", keyID)}
+	return &keyState{id: keyID, account: account, acctKey: l.c.Key("acct", account), keyKey: l.c.Key("key", keyID)}
+}
+
+// periodIndex is the number of the cap period p that holds now, as the
+// scripts take it: 0 for PeriodNone, whose spend never rolls.
+func periodIndex(p keystore.Period, now time.Time) int64 {
+	if p == keystore.PeriodNone {
+		return 0
+	}
+	return int64(p.Index(now))
 }
 
 // leaseFresh reports whether leases may be spent at now: Redis heard from
@@ -356,14 +393,15 @@ func leaseWant(price money.Micros) money.Micros {
 // The caller holds s.mu.
 func (l *Ledger) lease(s *keyState, k *keystore.Key, price, need money.Micros) (g, held money.Micros, code int64, err error) {
 	s.epoch++
-	sent := l.now().UnixNano()
+	now := l.now()
+	sent := now.UnixNano()
 	keys := []string{s.acctKey, s.keyKey, l.kLease, l.kReplicas}
 	var res []int64
 	err = l.c.Call(context.Background(), "lease", func(ctx context.Context, r *redis.Client) error {
 		var err error
 		res, err = leaseScript.Run(ctx, r, keys,
 			s.id, int64(need), int64(leaseWant(price)), int64(max(k.SpendCap, 0)), l.o.ReplicaID,
-			liveWindow.Milliseconds(), int64(price)).Int64Slice()
+			liveWindow.Milliseconds(), int64(price), periodIndex(s.period, now)).Int64Slice()
 		return err
 	})
 	if err == nil && len(res) != 3 {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
+	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/money"
 )
 
@@ -26,31 +28,47 @@ type batch struct {
 // entry is one key's line of a report.
 type entry struct {
 	st              *keyState // nil in a journal replay
-	keyID           string
+	keyID, account  string
 	acctKey, keyKey string
 	charge          money.Micros // bal −= charge, spent += charge
 	release         money.Micros // leased −= release
 	epoch           uint64       // st.epoch when built
+	period          int64        // the key's cap period number when built; 0: none (or unknown)
+	cap             money.Micros // the key's cap when built, for alerts; 0: none
 }
 
 // report sends what was spent since the last report and the idle leases
 // (every lease when final), in as many calls as the keys need. Batches
 // Redis did not answer stay queued and go first, unchanged, next time.
+// The alerts that the applied batches crossed go to Options.Alerts, once
+// the round is over and rmu released.
 func (l *Ledger) report(final bool) error {
-	l.rmu.Lock()
-	defer l.rmu.Unlock()
-	if err := l.drain(); err != nil {
-		return err
+	alerts, err := l.reportRound(final)
+	if len(alerts) > 0 && l.o.Alerts != nil {
+		l.o.Alerts(alerts)
 	}
-	l.build(l.now().UnixNano(), final)
-	return l.drain()
+	return err
 }
 
-// drain sends the queued batches in order, stopping at the first failure.
-// The caller holds rmu.
-func (l *Ledger) drain() error {
+// reportRound is report under rmu; it returns the alerts of the batches
+// Redis applied, whether or not a later one failed.
+func (l *Ledger) reportRound(final bool) ([]keystore.Alert, error) {
+	l.rmu.Lock()
+	defer l.rmu.Unlock()
+	var alerts []keystore.Alert
+	if err := l.drain(&alerts); err != nil {
+		return alerts, err
+	}
+	l.build(l.now(), final)
+	err := l.drain(&alerts)
+	return alerts, err
+}
+
+// drain sends the queued batches in order, stopping at the first failure,
+// and appends the alerts they crossed to alerts. The caller holds rmu.
+func (l *Ledger) drain(alerts *[]keystore.Alert) error {
 	for len(l.queue) > 0 {
-		if err := l.send(l.queue[0]); err != nil {
+		if err := l.send(l.queue[0], alerts); err != nil {
 			return err
 		}
 		l.queue[0] = nil
@@ -63,7 +81,8 @@ func (l *Ledger) drain() error {
 // when idle (or final), into batches on the queue. Keys with outage spends
 // go into the first batch, so that the journal can seal them under one
 // seq. The caller holds rmu.
-func (l *Ledger) build(now int64, final bool) {
+func (l *Ledger) build(at time.Time, final bool) {
+	now := at.UnixNano()
 	j := l.o.Journal
 	if j != nil {
 		l.jmu.Lock() // no Append between moving the spends and sealing them
@@ -73,8 +92,9 @@ func (l *Ledger) build(now int64, final bool) {
 	var returned money.Micros
 	for _, s := range l.keys.all() {
 		s.mu.Lock()
-		e := entry{st: s, keyID: s.id, acctKey: s.acctKey, keyKey: s.keyKey,
-			charge: s.used + s.extra, release: s.used, epoch: s.epoch}
+		e := entry{st: s, keyID: s.id, account: s.account, acctKey: s.acctKey, keyKey: s.keyKey,
+			charge: s.used + s.extra, release: s.used, epoch: s.epoch,
+			period: periodIndex(s.period, at), cap: s.cap}
 		if s.lease > 0 && (final || now-s.lastUse >= int64(idleAfter)) {
 			e.release += s.lease
 			returned += s.lease
@@ -143,26 +163,38 @@ func dropIfIdle(now int64) func(*keyState) bool {
 	}
 }
 
+// reportStride is how many values reportScript returns per entry.
+const reportStride = 4
+
+// Values of reportScript's first result.
+const (
+	reportIgnored  = 0 // seq already applied: nothing changed
+	reportApplied  = 1 // applied by this call
+	reportReplayed = 2 // applied before, its reply lost: the values are the saved ones
+)
+
 // send applies b in Redis, then makes each key agree with what Redis says
-// this replica holds for it. The caller holds rmu.
-func (l *Ledger) send(b *batch) error {
-	keys := make([]string, 0, 3+2*len(b.entries))
-	keys = append(keys, l.c.Key("reports", b.replica), l.c.Key("lease", b.replica), l.kReplicas)
-	args := make([]any, 0, 3+3*len(b.entries))
+// this replica holds for it, and appends the alerts that b's charges
+// crossed to alerts. The caller holds rmu.
+func (l *Ledger) send(b *batch, alerts *[]keystore.Alert) error {
+	keys := make([]string, 0, 4+2*len(b.entries))
+	keys = append(keys, l.c.Key("reports", b.replica), l.c.Key("lease", b.replica), l.kReplicas,
+		l.c.Key("reported", b.replica))
+	args := make([]any, 0, 3+4*len(b.entries))
 	args = append(args, b.seq, b.replica, b.mode)
 	for _, e := range b.entries {
 		keys = append(keys, e.acctKey, e.keyKey)
-		args = append(args, e.keyID, int64(e.charge), int64(e.release))
+		args = append(args, e.keyID, int64(e.charge), int64(e.release), e.period)
 	}
 	sent := l.now().UnixNano()
-	var held []int64
+	var res []int64
 	err := l.c.Call(context.Background(), "report", func(ctx context.Context, r *redis.Client) error {
 		var err error
-		held, err = reportScript.Run(ctx, r, keys, args...).Int64Slice()
+		res, err = reportScript.Run(ctx, r, keys, args...).Int64Slice()
 		return err
 	})
-	if err == nil && len(held) != len(b.entries) {
-		err = fmt.Errorf("report script: %d values, want %d", len(held), len(b.entries))
+	if want := 1 + reportStride*len(b.entries); err == nil && len(res) != want {
+		err = fmt.Errorf("report script: %d values, want %d", len(res), want)
 	}
 	if err != nil {
 		l.markDown(err)
@@ -171,10 +203,29 @@ func (l *Ledger) send(b *batch) error {
 	if b.mode == "hb" {
 		l.markUp(sent, l.live.Load())
 	}
+	how := res[0]
+	var at time.Time
 	for i, e := range b.entries {
+		v := res[1+reportStride*i : 1+reportStride*(i+1)]
 		if e.st != nil {
-			l.settle(e.st, e.epoch, money.Micros(held[i]))
+			l.settle(e.st, e.epoch, money.Micros(v[0]))
 		}
+		if how == reportIgnored || e.charge <= 0 || l.o.Alerts == nil {
+			continue
+		}
+		if at.IsZero() {
+			at = l.now()
+		}
+		spent, bal := money.Micros(v[1]), money.Micros(v[2])
+		*alerts = append(*alerts, keystore.Crossings(keystore.Crossing{
+			KeyID: e.keyID, Account: e.account, Cap: e.cap,
+			SpentBefore: spent - e.charge, SpentAfter: spent,
+			AlertBelow:    money.Micros(v[3]),
+			BalanceBefore: bal + e.charge, BalanceAfter: bal,
+		}, l.o.Thresholds, at)...)
+	}
+	if how == reportReplayed {
+		l.log.Info("a report whose reply was lost had been applied; its alerts are raised now", zap.Uint64("seq", b.seq))
 	}
 	if b.returned > 0 {
 		l.m.returned.Add(float64(b.returned))
@@ -234,7 +285,7 @@ func (l *Ledger) replay() error {
 		for _, sp := range r.Spends {
 			i := slices.IndexFunc(b.entries, func(e entry) bool { return e.keyID == sp.KeyID })
 			if i < 0 {
-				b.entries = append(b.entries, entry{keyID: sp.KeyID,
+				b.entries = append(b.entries, entry{keyID: sp.KeyID, account: sp.Account,
 					acctKey: l.c.Key("acct", sp.Account), keyKey: l.c.Key("key", sp.KeyID)})
 				i = len(b.entries) - 1
 			}

@@ -15,40 +15,59 @@ import "github.com/redis/go-redis/v9"
 // The scripts read the live-replica window and the clock of Redis (TIME):
 // heartbeats and reclaims then agree whatever the replicas' clocks say.
 
-// luaCommon is the prelude of the money scripts: int() and heartbeat().
+// luaCommon is the prelude of the money scripts: int(), now_ms() and
+// roll(), which starts a key's spent over when its cap period (a number
+// the caller computes: days or months since 1970, 0 for a key without
+// one) is past the period its hash records. Periods only move forward: a
+// replica whose clock is behind never rolls a key back.
 const luaCommon = `
 local function int(x) return string.format('%d', x) end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function roll(kk, period)
+  if period <= 0 then return end
+  if period > tonumber(redis.call('HGET', kk, 'period') or '0') then
+    redis.call('HSET', kk, 'spent', '0', 'period', int(period))
+  end
+end
 `
 
 // leaseScript grants a money lease to one replica for one key.
 //
 //	KEYS: acct:{a}, key:{k}, lease:{replica}, replicas
-//	ARGV: keyID, need, want, cap, replica, live window (ms), price
+//	ARGV: keyID, need, want, cap, replica, live window (ms), price, period
 //
 // It heartbeats the replica, counts live replicas L, and grants
 // g = min(want, avail/(2L)) rounded down to whole prices, at least need
 // (at most avail), where avail is the smaller of the account's
-// bal − leased and, when cap > 0, the key's cap − spent − leased. Whole
-// prices keep leases from fragmenting: with one price per key, a replica
-// is refused only when what is left everywhere is less than the price. It returns {g, L, what the replica now holds for
-// the key}, or {-1, L, 0} when the account cannot cover need, {-2, L, 0}
-// when the key's cap cannot: then nothing changes but the heartbeat.
+// bal − leased − reserved and, when cap > 0, the key's cap − spent −
+// leased − reserved (a missing field is 0; reserved is what redisstore's
+// open reservations hold). Whole prices keep leases from fragmenting: with
+// one price per key, a replica is refused only when what is left
+// everywhere is less than the price. It returns {g, L, what the replica
+// now holds for the key}, or {-1, L, 0} when the account cannot cover
+// need, {-2, L, 0} when the key's cap cannot: then nothing changes but the
+// heartbeat and the period roll.
+//
+// period is the key's current cap period number (0: the key has none).
+// When it is past the key's period field, the key's spent belongs to an
+// earlier period: it starts over at 0 in this one before the cap is
+// checked. Leases outstanding stay leased.
 var leaseScript = redis.NewScript(luaCommon + `
 local ms = now_ms()
 redis.call('ZADD', KEYS[4], ms, ARGV[5])
 local live = redis.call('ZCOUNT', KEYS[4], ms - tonumber(ARGV[6]), '+inf')
 if live < 1 then live = 1 end
 local need, want, cap, price = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
-local a = redis.call('HMGET', KEYS[1], 'bal', 'leased')
-local avail = (tonumber(a[1]) or 0) - (tonumber(a[2]) or 0)
+roll(KEYS[2], tonumber(ARGV[8]))
+local a = redis.call('HMGET', KEYS[1], 'bal', 'leased', 'reserved')
+local avail = (tonumber(a[1]) or 0) - (tonumber(a[2]) or 0) - (tonumber(a[3]) or 0)
 if avail < need then return {-1, live, 0} end
 if cap > 0 then
-  local k = redis.call('HMGET', KEYS[2], 'spent', 'leased')
-  local c = cap - (tonumber(k[1]) or 0) - (tonumber(k[2]) or 0)
+  local k = redis.call('HMGET', KEYS[2], 'spent', 'leased', 'reserved')
+  local c = cap - (tonumber(k[1]) or 0) - (tonumber(k[2]) or 0) - (tonumber(k[3]) or 0)
   if c < need then return {-2, live, 0} end
   if c < avail then avail = c end
 end
@@ -64,37 +83,66 @@ return {g, live, held}
 
 // reportScript applies one replica's spend report, once.
 //
-//	KEYS: reports:{replica}, lease:{replica}, replicas, then per entry acct:{a}, key:{k}
+//	KEYS: reports:{replica}, lease:{replica}, replicas, reported:{replica},
+//	      then per entry acct:{a}, key:{k}
 //	ARGV: seq, replica, mode ("hb": heartbeat, "final": leave the live
-//	      set, "": neither), then per entry keyID, charge, release
+//	      set, "": neither), then per entry keyID, charge, release, period
 //
-// When seq is above the last applied one, each entry's charge is taken from
-// the account's bal and added to the key's spent, and its release (at most
-// what the replica holds for the key) is taken off the account's, the key's
-// and the replica's leased. A seq already applied (a retry after a lost
-// reply) changes nothing. Either way it returns, per entry, what the
-// replica holds for the key after the report: the replica adopts a grant
-// whose reply it lost, and drops what a reclaim took.
+// When seq is above the last applied one, each entry's key first rolls
+// into the current cap period (period, as in leaseScript), then its charge
+// is taken from the account's bal and added to the key's spent, and its
+// release (at most what the replica holds for the key) is taken off the
+// account's, the key's and the replica's leased.
+//
+// It returns {how, then per entry: what the replica holds for the key
+// after the report (the replica adopts a grant whose reply it lost, and
+// drops what a reclaim took), the key's spent and the account's bal just
+// after the charge, and the account's alert_below}; with the charge, the
+// caller knows the values before it, and so which alert thresholds it
+// crossed. how is 1 when this call applied the report. A seq already
+// applied (a retry) changes nothing and has how 0 and zeros for the
+// charge's values, so that no replica raises an alert twice, except for
+// the last seq applied, whose values reported:{replica} keeps (for an
+// hour): a retry of it follows a lost reply, whose alerts no one raised,
+// and gets them with how 2.
 var reportScript = redis.NewScript(luaCommon + `
+local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-local apply = tonumber(ARGV[1]) > last
-if apply then redis.call('SET', KEYS[1], ARGV[1]) end
+local apply = seq > last
+local saved = nil
+if apply then
+  redis.call('SET', KEYS[1], ARGV[1])
+elseif seq == last then
+  local s = redis.call('GET', KEYS[4])
+  if s then
+    saved = {}
+    for v in string.gmatch(s, '[^,]+') do saved[#saved + 1] = tonumber(v) end
+    if saved[1] ~= seq then saved = nil end
+  end
+end
 if ARGV[3] == 'hb' then
   redis.call('ZADD', KEYS[3], now_ms(), ARGV[2])
 elseif ARGV[3] == 'final' then
   redis.call('ZREM', KEYS[3], ARGV[2])
 end
-local out = {}
-local n = (#KEYS - 3) / 2
+local out = {0}
+if apply then out[1] = 1 elseif saved then out[1] = 2 end
+local save = {ARGV[1]}
+local charged = false
+local n = (#KEYS - 4) / 2
 for i = 1, n do
-  local ak, kk = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local j = 4 + 3 * (i - 1)
+  local ak, kk = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+  local j = 4 + 4 * (i - 1)
   local id, charge, release = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
   local cur = tonumber(redis.call('HGET', KEYS[2], id) or '0')
+  local spent, bal, below = 0, 0, 0
   if apply then
+    roll(kk, tonumber(ARGV[j + 3]))
     if charge > 0 then
-      redis.call('HINCRBY', ak, 'bal', int(-charge))
-      redis.call('HINCRBY', kk, 'spent', int(charge))
+      bal = redis.call('HINCRBY', ak, 'bal', int(-charge))
+      spent = redis.call('HINCRBY', kk, 'spent', int(charge))
+      below = tonumber(redis.call('HGET', ak, 'alert_below') or '0')
+      charged = true
     end
     if release > cur then release = cur end
     if release > 0 then
@@ -103,8 +151,20 @@ for i = 1, n do
       cur = redis.call('HINCRBY', KEYS[2], id, int(-release))
       if cur <= 0 then redis.call('HDEL', KEYS[2], id) end
     end
+  elseif saved then
+    local s = 2 + 3 * (i - 1)
+    spent, bal, below = saved[s] or 0, saved[s + 1] or 0, saved[s + 2] or 0
   end
-  out[i] = cur
+  local o = 2 + 4 * (i - 1)
+  out[o], out[o + 1], out[o + 2], out[o + 3] = cur, spent, bal, below
+  save[#save + 1] = int(spent) .. ',' .. int(bal) .. ',' .. int(below)
+end
+if apply then
+  if charged then
+    redis.call('SET', KEYS[4], table.concat(save, ','), 'EX', 3600)
+  else
+    redis.call('DEL', KEYS[4])
+  end
 end
 return out
 `)
