@@ -72,12 +72,13 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 		}
 		s.m.noRequestID.Inc() // nothing could settle it: charged now
 	}
+	if rt.Price == 0 {
+		return g, nil // a free route needs no ledger
+	}
 	if err := s.keys.Debit(key, rt.Price); err != nil {
 		return g, spendDenial(err)
 	}
-	if rt.Price > 0 {
-		s.m.debit(key, rt.Price)
-	}
+	s.m.debit(key, rt.Price)
 	return g, nil
 }
 

@@ -1,12 +1,14 @@
 package authz_test
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/genproto/googleapis/rpc/code"
 
 	"github.com/keygate/keygate/authz"
 	"github.com/keygate/keygate/keystore"
@@ -170,4 +172,28 @@ func counter(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("metric %s not found", name)
 	return 0
+}
+
+// failingLedger is a store whose ledger cannot answer (a shared store with
+// Redis down).
+type failingLedger struct{ *keystore.Store }
+
+func (failingLedger) Debit(*keystore.Key, money.Micros) error {
+	return errors.New("redis is unavailable")
+}
+
+// A spend the ledger cannot decide is refused with a 503 that tells the
+// client to retry, never allowed and never blamed on the balance.
+func TestBillingUnavailable(t *testing.T) {
+	f := newFixture(t, func(c *authz.Config) { c.Keys = failingLedger{c.Keys.(*keystore.Store)} })
+	f.account(t, "acme", "tier1", 10_000)
+	_, secret := f.key(t, keystore.NewKey{Account: "acme", Scopes: []string{"chat:write", "chat:read"}})
+	o := f.check(t, req("POST", "/v1/chat/completions", withID(secret, "u-1")))
+	if o.status != 503 || o.typ != "service_unavailable" || o.headers["retry-after"] != "1" || o.code != code.Code_UNAVAILABLE {
+		t.Fatalf("got %+v, want 503 service_unavailable with retry-after 1 and gRPC UNAVAILABLE", o)
+	}
+	// A free route needs no ledger.
+	if o := f.check(t, req("GET", "/v1/chat/completions/x", withID(secret, "u-2"))); o.status != 200 {
+		t.Fatalf("free route: %+v", o)
+	}
 }

@@ -29,13 +29,16 @@ const (
 // A Denial is a refused request: the HTTP status Envoy sends back and the JSON
 // body clients parse. Denials are counted in metrics, not logged as errors.
 type Denial struct {
-	Status  int    // 400, 401, 403 or 429
+	Status  int    // 400, 401, 403, 429 or 503
 	Type    string // one of the type* constants
 	Message string
 	Reason  string // stable metric label: no_key, invalid_key, bad_path, ...
 
 	// rateLimited adds retry-after and the rate-limit headers, from the grant.
 	rateLimited bool
+	// unavailable marks a refusal because a service keygate needs is down:
+	// retry-after: 1 and gRPC code UNAVAILABLE.
+	unavailable bool
 	// encoded is the JSON body, when built ahead.
 	encoded string
 
@@ -72,8 +75,8 @@ var (
 	denyMalformed = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "malformed",
 		Message: "The authorization request could not be decoded"})
 	// denyBilling answers a Check whose spend the ledger could not decide.
-	denyBilling = fixed(&Denial{Status: 503, Type: "api_error", Reason: "billing_unavailable",
-		Message: "Billing is temporarily unavailable; retry shortly"})
+	denyBilling = fixed(&Denial{Status: 503, Type: "service_unavailable", Reason: "billing_unavailable",
+		unavailable: true, Message: "Billing is temporarily unavailable; retry shortly"})
 	// denyInternal answers a Check that hit a bug: refused, never allowed.
 	denyInternal = fixed(&Denial{Status: 503, Type: "api_error", Reason: "internal",
 		Message: "The authorization service failed on this request"})
@@ -98,6 +101,9 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	if d.Status == 401 {
 		hdrs = append(hdrs, hv("www-authenticate", "Bearer"))
 	}
+	if d.unavailable {
+		hdrs = append(hdrs, hv("retry-after", "1"))
+	}
 	if d.rateLimited {
 		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(g.lim.RetryAfter), 10)))
 		var (
@@ -112,8 +118,11 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 		body = d.body()
 	}
 	c := code.Code_PERMISSION_DENIED
-	if d.Status == 401 {
+	switch {
+	case d.Status == 401:
 		c = code.Code_UNAUTHENTICATED
+	case d.unavailable:
+		c = code.Code_UNAVAILABLE
 	}
 	return &authv3.CheckResponse{
 		Status: &rpcstatus.Status{Code: int32(c), Message: d.Message},

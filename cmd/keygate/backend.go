@@ -13,6 +13,7 @@ import (
 
 	"github.com/keygate/keygate/authz"
 	"github.com/keygate/keygate/authz/ratelimit"
+	"github.com/keygate/keygate/authz/settle"
 	"github.com/keygate/keygate/cmd/keygate/config"
 	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/admin"
@@ -29,6 +30,7 @@ type backend struct {
 	keys    authz.Keys
 	admin   admin.Store
 	limiter authz.RateLimiter
+	settler settle.Ledger // where the access log settles reservations
 	// loops run until their context is done; close runs after they all
 	// returned: it writes what is still in memory (the last flush, the last
 	// spend report) and releases the files and connections.
@@ -43,9 +45,18 @@ func openBackend(cfg *config.Config, o keystore.Options, log *zap.Logger, reg pr
 		return nil, err
 	}
 	if cfg.Store != config.StoreRedis {
+		// A replica's cache of key records holds no balances worth serving:
+		// using it as a store would charge against stale numbers.
+		if mirror, err := redisstore.IsMirror(local); err != nil || mirror {
+			local.Close() //nolint:errcheck // refusing anyway
+			if err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%s is the local cache of a store: redis replica, not a store of its own: run keygate with its store: redis config (--config), and administer through a replica (--server)", cfg.DB)
+		}
 		limiter := ratelimit.NewLimiter()
 		return &backend{
-			local: local, keys: local, admin: local, limiter: limiter,
+			local: local, keys: local, admin: local, limiter: limiter, settler: local,
 			loops: []func(context.Context) error{
 				local.Run,
 				func(ctx context.Context) error { sweep(ctx, limiter); return nil },
@@ -82,11 +93,20 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 	cancel()
 	replica := replicaID()
 	outage := rlease.FailClosed
-	if r.Outage == config.OutageAllowLocal {
+	if cfg.RedisOutage != nil && cfg.RedisOutage.Spend == config.OutageLocalAllowance {
 		outage = rlease.AllowLocal
+	}
+	// Crossings are found by the replica whose script applied the charge,
+	// once across all replicas; the local store's outbox and the notifier
+	// deliver them as in bbolt mode.
+	raise := func(alerts []keystore.Alert) {
+		if err := local.RaiseAlerts(alerts); err != nil {
+			log.Error("alerts lost: the local outbox refused them", zap.Int("alerts", len(alerts)), zap.Error(err))
+		}
 	}
 	ledger, err := rlease.NewLedger(conn, rlease.LedgerOptions{
 		ReplicaID: replica, Outage: outage, OutageAllowance: cfg.OutageAllowance,
+		Thresholds: cfg.Alerts.Thresholds, Alerts: raise,
 		Log: log.Named("lease"), Metrics: reg,
 	})
 	if err != nil {
@@ -97,14 +117,15 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 		ReplicaID: replica, Live: ledger.LiveReplicas, Log: log.Named("ratelimit"), Metrics: reg,
 	})
 	rs, err := redisstore.Open(conn, local, redisstore.Options{
-		ReplicaID: replica, Ledger: ledger, Log: log.Named("redisstore"), Metrics: reg,
+		ReplicaID: replica, Ledger: ledger, Thresholds: cfg.Alerts.Thresholds, Alerts: raise,
+		Log: log.Named("redisstore"), Metrics: reg,
 	})
 	if err != nil {
 		conn.Close() //nolint:errcheck // the error above matters more
 		return nil, err
 	}
 	return &backend{
-		local: local, keys: rs, admin: rs, limiter: limiter,
+		local: local, keys: rs, admin: rs, limiter: limiter, settler: rs,
 		loops: []func(context.Context) error{conn.Run, ledger.Run, limiter.Run, rs.Run, local.Run},
 		close: func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -92,6 +92,10 @@ func (a *adminFlags) connect(c *cobra.Command) (adminv1.AdminClient, context.Con
 	}
 	// With store: redis in the config, the file is this machine's mirror
 	// and the command goes to Redis, as a server's admin API would.
+	if cfg.Store == config.StoreRedis {
+		cancel()
+		return nil, nil, nil, fmt.Errorf("--db %s: with store: redis the local file is a replica's cache of key records, not an admin target: run the command through any replica with --server", a.db)
+	}
 	cfg.DB = a.db
 	be, err := openBackend(cfg, keystore.Options{LockTimeout: time.Second}, zap.NewNop(), nil)
 	if err != nil {

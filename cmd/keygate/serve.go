@@ -163,7 +163,7 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 	}
 	// The access-log service is served in both modes: in on_check mode no
 	// request holds a reservation, and entries are ignored as unknown.
-	als, err := settle.New(settle.Config{Ledger: store, Log: log.Named("settle"), Metrics: reg})
+	als, err := settle.New(settle.Config{Ledger: be.settler, Log: log.Named("settle"), Metrics: reg})
 	if err != nil {
 		return err
 	}

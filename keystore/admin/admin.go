@@ -11,6 +11,8 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -251,10 +253,7 @@ func alertBelow(usd *string) ([]keystore.AccountOption, error) {
 }
 
 func (s *Server) tierNames() []string {
-	var names []string
-	for n := range s.cfg.File.Tiers {
-		names = append(names, n)
-	}
+	names := slices.Sorted(maps.Keys(s.cfg.File.Tiers))
 	if len(names) == 0 {
 		return []string{"none"}
 	}

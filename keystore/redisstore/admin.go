@@ -46,7 +46,7 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 	s.mirrorAfter(op, []string{id}, nil)
 	s.log.Info("account created", zap.String("account", id), zap.String("tier", tier),
 		zap.Int64("balance_micros", int64(balance)))
-	return accountInfo(&rec, balance), nil
+	return accountInfo(&rec, acctAmounts{bal: balance}), nil
 }
 
 // Account returns an account with the balance Redis holds: what every
@@ -62,14 +62,14 @@ func (s *Store) Account(id string) (keystore.Account, error) {
 	if err != nil {
 		return keystore.Account{}, redisErr(op, err)
 	}
-	rec, bal, found, err := parseAccount(id, vals)
+	rec, amt, found, err := parseAccount(id, vals)
 	switch {
 	case err != nil:
 		return keystore.Account{}, err
 	case !found:
 		return keystore.Account{}, fmt.Errorf("%w: %s", keystore.ErrAccountNotFound, id)
 	}
-	return accountInfo(&rec, bal), nil
+	return accountInfo(&rec, amt), nil
 }
 
 // ListAccounts returns every account, sorted by ID.
@@ -84,8 +84,8 @@ func (s *Store) ListAccounts() ([]keystore.Account, error) {
 		return nil, redisErr("list accounts", err)
 	}
 	out := make([]keystore.Account, 0, len(ids))
-	err = s.readAccounts(ctx, r, ids, accountFields, func(rec *keystore.AccountRecord, bal money.Micros) {
-		out = append(out, accountInfo(rec, bal))
+	err = s.readAccounts(ctx, r, ids, accountFields, func(rec *keystore.AccountRecord, amt acctAmounts) {
+		out = append(out, accountInfo(rec, amt))
 	})
 	if err != nil {
 		return nil, redisErr("list accounts", err)
@@ -180,7 +180,7 @@ func (s *Store) CreateKey(nk keystore.NewKey, now time.Time) (keystore.KeyInfo, 
 	}
 	s.mirrorAfter(op, nil, []string{rec.ID})
 	s.log.Info("key created", zap.String("key_id", rec.ID), zap.String("account", rec.Account))
-	return keyInfo(&rec, 0, 0, s.now()), secret, nil
+	return keyInfo(&rec, keyAmounts{period: rec.CapPeriod.Index(now)}, s.now()), secret, nil
 }
 
 // Key returns the key with this ID, with the spend Redis holds.
@@ -190,29 +190,29 @@ func (s *Store) Key(id string) (keystore.KeyInfo, error) {
 	}
 	r, ctx, cancel := s.client(s.timeout)
 	defer cancel()
-	rec, spent, period, _, err := s.readKey(ctx, r, id)
+	rec, amt, _, err := s.readKey(ctx, r, id)
 	if err != nil {
 		return keystore.KeyInfo{}, err
 	}
-	return keyInfo(&rec, spent, period, s.now()), nil
+	return keyInfo(&rec, amt, s.now()), nil
 }
 
 // readKey reads a key's record (and its encoding, for a compare-and-set)
-// and spend.
-func (s *Store) readKey(ctx context.Context, r *redis.Client, id string) (rec keystore.KeyRecord, spent money.Micros, period int32, raw string, err error) {
+// and amounts.
+func (s *Store) readKey(ctx context.Context, r *redis.Client, id string) (rec keystore.KeyRecord, amt keyAmounts, raw string, err error) {
 	vals, err := r.HMGet(ctx, s.keyKey(id), keyFields...).Result()
 	if err != nil {
-		return rec, 0, 0, "", redisErr("key "+id, err)
+		return rec, amt, "", redisErr("key "+id, err)
 	}
-	rec, spent, period, found, err := parseKey(id, vals)
+	rec, amt, found, err := parseKey(id, vals)
 	switch {
 	case err != nil:
-		return rec, 0, 0, "", err
+		return rec, keyAmounts{}, "", err
 	case !found:
-		return rec, 0, 0, "", fmt.Errorf("%w: %s", keystore.ErrKeyNotFound, id)
+		return rec, keyAmounts{}, "", fmt.Errorf("%w: %s", keystore.ErrKeyNotFound, id)
 	}
 	raw, _ = vals[0].(string)
-	return rec, spent, period, raw, nil
+	return rec, amt, raw, nil
 }
 
 // ListKeys returns the keys of account, or every key for "", sorted by
@@ -233,8 +233,8 @@ func (s *Store) ListKeys(account string) ([]keystore.KeyInfo, error) {
 	}
 	now := s.now()
 	out := make([]keystore.KeyInfo, 0, len(ids))
-	err = s.readKeys(ctx, r, ids, keyFields, func(rec *keystore.KeyRecord, spent money.Micros, period int32) {
-		out = append(out, keyInfo(rec, spent, period, now))
+	err = s.readKeys(ctx, r, ids, keyFields, func(rec *keystore.KeyRecord, amt keyAmounts) {
+		out = append(out, keyInfo(rec, amt, now))
 	})
 	if err != nil {
 		return nil, redisErr("list keys", err)
@@ -263,12 +263,12 @@ func (s *Store) Revoke(id string, now time.Time) (keystore.KeyInfo, error) {
 	r, ctx, cancel := s.client(s.timeout)
 	defer cancel()
 	for attempt := 0; ; attempt++ {
-		rec, spent, period, raw, err := s.readKey(ctx, r, id)
+		rec, amt, raw, err := s.readKey(ctx, r, id)
 		if err != nil {
 			return keystore.KeyInfo{}, err
 		}
 		if !rec.RevokedAt.IsZero() && !rec.RevokedAt.After(now) {
-			return keyInfo(&rec, spent, period, s.now()), nil
+			return keyInfo(&rec, amt, s.now()), nil
 		}
 		rec.RevokedAt = now.UTC()
 		updated, err := rec.MarshalBinary()
@@ -289,7 +289,7 @@ func (s *Store) Revoke(id string, now time.Time) (keystore.KeyInfo, error) {
 		}
 		s.mirrorAfter(op, nil, []string{id})
 		s.log.Info("key revoked", zap.String("key_id", id), zap.String("account", rec.Account))
-		return keyInfo(&rec, spent, period, s.now()), nil
+		return keyInfo(&rec, amt, s.now()), nil
 	}
 }
 
@@ -317,13 +317,13 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old, nw k
 	r, ctx, cancel := s.client(s.timeout)
 	defer cancel()
 	for attempt := 0; ; attempt++ {
-		cur, spent, period, raw, err := s.readKey(ctx, r, id)
+		cur, amt, raw, err := s.readKey(ctx, r, id)
 		if err != nil {
 			return old, nw, "", err
 		}
 		switch {
 		case !cur.ActiveAt(now):
-			state := keyInfo(&cur, 0, 0, now).State(now)
+			state := keyInfo(&cur, keyAmounts{}, now).State(now)
 			return old, nw, "", fmt.Errorf("%w: %s is %s", keystore.ErrKeyInactive, id, state)
 		case !cur.RevokedAt.IsZero():
 			return old, nw, "", fmt.Errorf("%w: %s was already rotated to %s and is revoked from %s",
@@ -371,7 +371,7 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old, nw k
 		s.log.Info("key rotated", zap.String("key_id", id), zap.String("new_key_id", next.ID),
 			zap.String("account", cur.Account), zap.Duration("grace", grace))
 		t := s.now()
-		return keyInfo(&rotated, spent, period, t), keyInfo(&next, 0, 0, t), secret, nil
+		return keyInfo(&rotated, amt, t), keyInfo(&next, keyAmounts{period: next.CapPeriod.Index(now)}, t), secret, nil
 	}
 }
 

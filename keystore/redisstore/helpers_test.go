@@ -41,6 +41,13 @@ type replica struct {
 // a new one), and starts Run. It is stopped when the test ends.
 func startReplica(t testing.TB, srv *rconntest.Server, name, path string) *replica {
 	t.Helper()
+	return startReplicaWith(t, srv, name, path, redisstore.Options{})
+}
+
+// startReplicaWith is startReplica with the store's Now, Thresholds and
+// Alerts taken from o (the rest is the helper's).
+func startReplicaWith(t testing.TB, srv *rconntest.Server, name, path string, o redisstore.Options) *replica {
+	t.Helper()
 	if path == "" {
 		path = filepath.Join(t.TempDir(), name+".db")
 	}
@@ -61,6 +68,7 @@ func startReplica(t testing.TB, srv *rconntest.Server, name, path string) *repli
 	}
 	st, err := redisstore.Open(conn, local, redisstore.Options{
 		Log: log, Metrics: r.reg, Ledger: r.ledger, ReplicaID: name, Timeout: 5 * time.Second,
+		Now: o.Now, Thresholds: o.Thresholds, Alerts: o.Alerts,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,9 @@ type metrics struct {
 	dataLost prometheus.Gauge
 	syncs    *prometheus.CounterVec
 	changes  prometheus.Counter
+
+	expired      prometheus.Counter
+	settleErrors prometheus.Counter
 }
 
 // newMetrics builds the metrics and registers them with reg when it is not
@@ -45,8 +48,25 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The local store of serve registers the same counter (in Redis mode
+	// it expires nothing): metric.Register shares it, which needs the same
+	// help text.
+	expired, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_reservations_expired_total",
+		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
+	}))
+	if err != nil {
+		return nil, err
+	}
+	settleErrors, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_settle_errors_total",
+		Help: "Settlements that Redis did not apply (unavailable, too slow, or an error): each such reservation is committed at its price when settle_timeout passes.",
+	}))
+	if err != nil {
+		return nil, err
+	}
 	for _, r := range []string{syncStart, syncGap, syncVersion, syncError} {
 		syncs.WithLabelValues(r)
 	}
-	return &metrics{dataLost: lost, syncs: syncs, changes: changes}, nil
+	return &metrics{dataLost: lost, syncs: syncs, changes: changes, expired: expired, settleErrors: settleErrors}, nil
 }

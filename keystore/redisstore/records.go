@@ -15,20 +15,34 @@ import (
 )
 
 // The fields read from P acct:{id} and P key:{id}: the record's, then
-// the amounts that reads show.
+// the amounts that reads show. fetch reads only the record's (a prefix).
 var (
-	accountFields = []string{"tier", "created_at", "alert_below", "bal"}
-	keyFields     = []string{"rec", "spent", "period"}
+	accountFields = []string{"tier", "created_at", "alert_below", "bal", "reserved"}
+	keyFields     = []string{"rec", "spent", "period", "reserved"}
 )
 
 // errBadRecord marks a record in Redis that this keygate cannot read.
 var errBadRecord = errors.New("malformed record in redis")
 
-// parseAccount reads the values of HMGET accountFields (the balance may be
-// left out). found is false when Redis has no such account.
-func parseAccount(id string, vals []any) (rec keystore.AccountRecord, bal money.Micros, found bool, err error) {
+// acctAmounts are the amounts of an account that reads show.
+type acctAmounts struct {
+	bal      money.Micros // committed balance
+	reserved money.Micros // held by open reservations
+}
+
+// keyAmounts are the amounts of a key that reads show.
+type keyAmounts struct {
+	spent    money.Micros // committed, in cap period period
+	period   int32
+	reserved money.Micros // held by open reservations
+}
+
+// parseAccount reads the values of HMGET accountFields (the amounts may be
+// left out). found is false when Redis has no such account. An absent
+// amount is 0 (a hash written before the field existed).
+func parseAccount(id string, vals []any) (rec keystore.AccountRecord, amt acctAmounts, found bool, err error) {
 	if len(vals) < 3 || vals[1] == nil {
-		return rec, 0, false, nil
+		return rec, amt, false, nil
 	}
 	str := func(i int) string {
 		if i >= len(vals) {
@@ -39,48 +53,55 @@ func parseAccount(id string, vals []any) (rec keystore.AccountRecord, bal money.
 	}
 	created, err := parseInt(str(1), "created_at")
 	if err != nil {
-		return rec, 0, true, fmt.Errorf("account %s: %w", id, err)
+		return rec, amt, true, fmt.Errorf("account %s: %w", id, err)
 	}
 	if created <= 0 {
-		return rec, 0, true, fmt.Errorf("account %s: %w: created_at %d", id, errBadRecord, created)
+		return rec, amt, true, fmt.Errorf("account %s: %w: created_at %d", id, errBadRecord, created)
 	}
 	alert, err := parseMicros(str(2), "alert_below")
 	if err != nil {
-		return rec, 0, true, fmt.Errorf("account %s: %w", id, err)
+		return rec, amt, true, fmt.Errorf("account %s: %w", id, err)
 	}
-	if len(vals) > 3 {
-		if bal, err = parseMicros(str(3), "bal"); err != nil {
-			return rec, 0, true, fmt.Errorf("account %s: %w", id, err)
-		}
+	if amt.bal, err = parseMicros(str(3), "bal"); err != nil {
+		return rec, acctAmounts{}, true, fmt.Errorf("account %s: %w", id, err)
+	}
+	if amt.reserved, err = parseMicros(str(4), "reserved"); err != nil || amt.reserved < 0 {
+		return rec, acctAmounts{}, true, fmt.Errorf("account %s: %w: reserved %q", id, errBadRecord, str(4))
 	}
 	rec = keystore.AccountRecord{ID: id, Tier: str(0), AlertBelow: alert, CreatedAt: time.Unix(0, created).UTC()}
-	return rec, bal, true, nil
+	return rec, amt, true, nil
 }
 
 // parseKey reads the values of HMGET keyFields (the amounts may be left
 // out). found is false when Redis has no such key.
-func parseKey(id string, vals []any) (rec keystore.KeyRecord, spent money.Micros, period int32, found bool, err error) {
+func parseKey(id string, vals []any) (rec keystore.KeyRecord, amt keyAmounts, found bool, err error) {
 	if len(vals) < 1 || vals[0] == nil {
-		return rec, 0, 0, false, nil
+		return rec, amt, false, nil
 	}
 	raw, _ := vals[0].(string)
 	rec.ID = id
 	if err := rec.UnmarshalBinary([]byte(raw)); err != nil {
-		return rec, 0, 0, true, fmt.Errorf("key %s: %w: %w", id, errBadRecord, err)
+		return rec, amt, true, fmt.Errorf("key %s: %w: %w", id, errBadRecord, err)
 	}
-	if len(vals) < 3 {
-		return rec, 0, 0, true, nil
+	str := func(i int) string {
+		if i >= len(vals) {
+			return ""
+		}
+		s, _ := vals[i].(string)
+		return s
 	}
-	s, _ := vals[1].(string)
-	if spent, err = parseMicros(s, "spent"); err != nil || spent < 0 {
-		return rec, 0, 0, true, fmt.Errorf("key %s: %w: spent %q", id, errBadRecord, s)
+	if amt.spent, err = parseMicros(str(1), "spent"); err != nil || amt.spent < 0 {
+		return rec, keyAmounts{}, true, fmt.Errorf("key %s: %w: spent %q", id, errBadRecord, str(1))
 	}
-	p, _ := vals[2].(string)
-	n, err := parseInt(p, "period")
+	n, err := parseInt(str(2), "period")
 	if err != nil || n < 0 || n > 1<<31-1 {
-		return rec, 0, 0, true, fmt.Errorf("key %s: %w: period %q", id, errBadRecord, p)
+		return rec, keyAmounts{}, true, fmt.Errorf("key %s: %w: period %q", id, errBadRecord, str(2))
 	}
-	return rec, spent, int32(n), true, nil
+	amt.period = int32(n)
+	if amt.reserved, err = parseMicros(str(3), "reserved"); err != nil || amt.reserved < 0 {
+		return rec, keyAmounts{}, true, fmt.Errorf("key %s: %w: reserved %q", id, errBadRecord, str(3))
+	}
+	return rec, amt, true, nil
 }
 
 // parseInt reads a decimal integer field; "" (absent) is 0.
@@ -108,28 +129,32 @@ func parseMicros(s, field string) (money.Micros, error) {
 	return money.Micros(n), nil
 }
 
-// keyInfo describes a key as keystore.Store.Key does, with the spend that
-// Redis holds: 0 when it belongs to a cap period that has ended.
-func keyInfo(r *keystore.KeyRecord, spent money.Micros, period int32, now time.Time) keystore.KeyInfo {
-	if r.CapPeriod != keystore.PeriodNone && r.CapPeriod.Index(now) > period {
+// keyInfo describes a key as keystore.Store.Key does, with the amounts
+// that Redis holds: a spend of a cap period that has ended reads as 0 (the
+// next script that charges the key rolls it over; a read only looks).
+func keyInfo(r *keystore.KeyRecord, amt keyAmounts, now time.Time) keystore.KeyInfo {
+	spent := amt.spent
+	if r.CapPeriod != keystore.PeriodNone && r.CapPeriod.Index(now) > amt.period {
 		spent = 0
 	}
 	return keystore.KeyInfo{
 		ID: r.ID, Account: r.Account, Name: r.Name, Scopes: r.Scopes, RateLimit: r.RateLimit,
-		SpendCap: r.SpendCap, Spent: spent, CapPeriod: r.CapPeriod, PeriodResetsAt: r.CapPeriod.ResetsAt(now),
-		CreatedAt: r.CreatedAt, ExpiresAt: r.ExpiresAt, RevokedAt: r.RevokedAt, RotatedTo: r.RotatedTo,
+		SpendCap: r.SpendCap, Spent: spent, Reserved: amt.reserved, CapPeriod: r.CapPeriod,
+		PeriodResetsAt: r.CapPeriod.ResetsAt(now),
+		CreatedAt:      r.CreatedAt, ExpiresAt: r.ExpiresAt, RevokedAt: r.RevokedAt, RotatedTo: r.RotatedTo,
 	}
 }
 
-func accountInfo(r *keystore.AccountRecord, bal money.Micros) keystore.Account {
-	return keystore.Account{ID: r.ID, Tier: r.Tier, Balance: bal, AlertBelow: r.AlertBelow, CreatedAt: r.CreatedAt}
+func accountInfo(r *keystore.AccountRecord, amt acctAmounts) keystore.Account {
+	return keystore.Account{ID: r.ID, Tier: r.Tier, Balance: amt.bal, Reserved: amt.reserved,
+		AlertBelow: r.AlertBelow, CreatedAt: r.CreatedAt}
 }
 
 // readAccounts reads accounts from Redis, a pipeline per chunk, and calls
 // each with what it found. Accounts that Redis does not have are left
 // out; records it cannot read are logged and left out.
 func (s *Store) readAccounts(ctx context.Context, r *redis.Client, ids []string, fields []string,
-	each func(rec *keystore.AccountRecord, bal money.Micros)) error {
+	each func(rec *keystore.AccountRecord, amt acctAmounts)) error {
 	for lo := 0; lo < len(ids); lo += chunk {
 		part := ids[lo:min(lo+chunk, len(ids))]
 		cmds := make([]*redis.SliceCmd, len(part))
@@ -143,13 +168,13 @@ func (s *Store) readAccounts(ctx context.Context, r *redis.Client, ids []string,
 			return err
 		}
 		for i, c := range cmds {
-			rec, bal, found, err := parseAccount(part[i], c.Val())
+			rec, amt, found, err := parseAccount(part[i], c.Val())
 			if err != nil {
 				s.log.Error("an account in Redis cannot be read; left out", zap.Error(err))
 				continue
 			}
 			if found {
-				each(&rec, bal)
+				each(&rec, amt)
 			}
 		}
 	}
@@ -158,7 +183,7 @@ func (s *Store) readAccounts(ctx context.Context, r *redis.Client, ids []string,
 
 // readKeys is readAccounts for keys.
 func (s *Store) readKeys(ctx context.Context, r *redis.Client, ids []string, fields []string,
-	each func(rec *keystore.KeyRecord, spent money.Micros, period int32)) error {
+	each func(rec *keystore.KeyRecord, amt keyAmounts)) error {
 	for lo := 0; lo < len(ids); lo += chunk {
 		part := ids[lo:min(lo+chunk, len(ids))]
 		cmds := make([]*redis.SliceCmd, len(part))
@@ -172,13 +197,13 @@ func (s *Store) readKeys(ctx context.Context, r *redis.Client, ids []string, fie
 			return err
 		}
 		for i, c := range cmds {
-			rec, spent, period, found, err := parseKey(part[i], c.Val())
+			rec, amt, found, err := parseKey(part[i], c.Val())
 			if err != nil {
 				s.log.Error("a key in Redis cannot be read; left out", zap.Error(err))
 				continue
 			}
 			if found {
-				each(&rec, spent, period)
+				each(&rec, amt)
 			}
 		}
 	}
@@ -190,7 +215,7 @@ func (s *Store) readKeys(ctx context.Context, r *redis.Client, ids []string, fie
 func (s *Store) fetch(ctx context.Context, r *redis.Client, acctIDs, keyIDs []string) ([]keystore.AccountRecord, []keystore.KeyRecord, error) {
 	accts := make([]keystore.AccountRecord, 0, len(acctIDs))
 	have := make(map[string]bool, len(acctIDs))
-	addAcct := func(rec *keystore.AccountRecord, _ money.Micros) {
+	addAcct := func(rec *keystore.AccountRecord, _ acctAmounts) {
 		accts = append(accts, *rec)
 		have[rec.ID] = true
 	}
@@ -199,7 +224,7 @@ func (s *Store) fetch(ctx context.Context, r *redis.Client, acctIDs, keyIDs []st
 	}
 	keys := make([]keystore.KeyRecord, 0, len(keyIDs))
 	var missing []string
-	err := s.readKeys(ctx, r, keyIDs, keyFields[:1], func(rec *keystore.KeyRecord, _ money.Micros, _ int32) {
+	err := s.readKeys(ctx, r, keyIDs, keyFields[:1], func(rec *keystore.KeyRecord, _ keyAmounts) {
 		keys = append(keys, *rec)
 		if have[rec.Account] {
 			return

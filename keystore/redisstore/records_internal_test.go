@@ -42,19 +42,22 @@ func TestParseAccount(t *testing.T) {
 		name  string
 		vals  []any
 		want  keystore.AccountRecord
-		bal   money.Micros
+		amt   acctAmounts
 		found bool
 		ok    bool
 	}{
-		{"full", []any{"pro", nanos, "20", "-5"}, keystore.AccountRecord{ID: "acme", Tier: "pro", AlertBelow: 20, CreatedAt: at}, -5, true, true},
-		{"no balance asked", []any{"", nanos, nil}, keystore.AccountRecord{ID: "acme", CreatedAt: at}, 0, true, true},
-		{"missing", []any{nil, nil, nil, nil}, keystore.AccountRecord{}, 0, false, true},
-		{"bad created_at", []any{"pro", "x", "0", "0"}, keystore.AccountRecord{}, 0, true, false},
-		{"created_at 0", []any{"pro", "0", "0", "0"}, keystore.AccountRecord{}, 0, true, false},
-		{"balance out of range", []any{"pro", nanos, "0", "9223372036854775807"}, keystore.AccountRecord{}, 0, true, false},
+		{"full", []any{"pro", nanos, "20", "-5", "7"}, keystore.AccountRecord{ID: "acme", Tier: "pro", AlertBelow: 20, CreatedAt: at}, acctAmounts{bal: -5, reserved: 7}, true, true},
+		{"no reserved field", []any{"pro", nanos, "20", "-5", nil}, keystore.AccountRecord{ID: "acme", Tier: "pro", AlertBelow: 20, CreatedAt: at}, acctAmounts{bal: -5}, true, true},
+		{"no amounts asked", []any{"", nanos, nil}, keystore.AccountRecord{ID: "acme", CreatedAt: at}, acctAmounts{}, true, true},
+		{"missing", []any{nil, nil, nil, nil, nil}, keystore.AccountRecord{}, acctAmounts{}, false, true},
+		{"bad created_at", []any{"pro", "x", "0", "0", "0"}, keystore.AccountRecord{}, acctAmounts{}, true, false},
+		{"created_at 0", []any{"pro", "0", "0", "0", "0"}, keystore.AccountRecord{}, acctAmounts{}, true, false},
+		{"balance out of range", []any{"pro", nanos, "0", "9223372036854775807", "0"}, keystore.AccountRecord{}, acctAmounts{}, true, false},
+		{"negative reserved", []any{"pro", nanos, "0", "0", "-1"}, keystore.AccountRecord{}, acctAmounts{}, true, false},
+		{"bad reserved", []any{"pro", nanos, "0", "0", "1.5"}, keystore.AccountRecord{}, acctAmounts{}, true, false},
 	}
 	for _, tt := range tests {
-		rec, bal, found, err := parseAccount("acme", tt.vals)
+		rec, amt, found, err := parseAccount("acme", tt.vals)
 		if (err == nil) != tt.ok || found != tt.found {
 			t.Errorf("%s: found %v, err %v; want found %v, ok %v", tt.name, found, err, tt.found, tt.ok)
 			continue
@@ -65,8 +68,8 @@ func TestParseAccount(t *testing.T) {
 			}
 			continue
 		}
-		if diff := cmp.Diff(tt.want, rec); diff != "" || bal != tt.bal {
-			t.Errorf("%s: balance %v (want %v), record (-want +got):\n%s", tt.name, bal, tt.bal, diff)
+		if diff := cmp.Diff(tt.want, rec); diff != "" || amt != tt.amt {
+			t.Errorf("%s: amounts %+v (want %+v), record (-want +got):\n%s", tt.name, amt, tt.amt, diff)
 		}
 	}
 }
@@ -80,20 +83,26 @@ func TestParseKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, spent, period, found, err := parseKey(rec.ID, []any{string(raw), "12", "20000"})
-	if err != nil || !found || spent != 12 || period != 20000 || !cmp.Equal(rec, got) {
-		t.Errorf("parseKey = %+v, %v, %v, %v, %v", got, spent, period, found, err)
+	got, amt, found, err := parseKey(rec.ID, []any{string(raw), "12", "20000", "4"})
+	if want := (keyAmounts{spent: 12, period: 20000, reserved: 4}); err != nil || !found || amt != want || !cmp.Equal(rec, got) {
+		t.Errorf("parseKey = %+v, %+v, %v, %v; want amounts %+v", got, amt, found, err, want)
 	}
-	if _, _, _, found, err := parseKey(rec.ID, []any{nil, nil, nil}); found || err != nil {
+	// A hash written before reservations existed has no reserved field.
+	if _, amt, _, err := parseKey(rec.ID, []any{string(raw), "12", "3", nil}); err != nil || amt != (keyAmounts{spent: 12, period: 3}) {
+		t.Errorf("parseKey(no reserved) = %+v, %v", amt, err)
+	}
+	if _, _, found, err := parseKey(rec.ID, []any{nil, nil, nil, nil}); found || err != nil {
 		t.Errorf("parseKey(missing) = found %v, %v", found, err)
 	}
 	for _, vals := range [][]any{
-		{"garbage", "0", "0"},
-		{string(raw), "-1", "0"},
-		{string(raw), "0", "-1"},
-		{string(raw), "0", "99999999999"},
+		{"garbage", "0", "0", "0"},
+		{string(raw), "-1", "0", "0"},
+		{string(raw), "0", "-1", "0"},
+		{string(raw), "0", "99999999999", "0"},
+		{string(raw), "0", "0", "-1"},
+		{string(raw), "0", "0", "x"},
 	} {
-		if _, _, _, _, err := parseKey(rec.ID, vals); !errors.Is(err, errBadRecord) {
+		if _, _, _, err := parseKey(rec.ID, vals); !errors.Is(err, errBadRecord) {
 			t.Errorf("parseKey(%q) = %v, want errBadRecord", vals[1:], err)
 		}
 	}
@@ -111,12 +120,12 @@ func FuzzParseAccount(f *testing.F) {
 			return
 		}
 		again, b2, found, err := parseAccount("acme", []any{rec.Tier, strconv.FormatInt(rec.CreatedAt.UnixNano(), 10),
-			strconv.FormatInt(int64(rec.AlertBelow), 10), strconv.FormatInt(int64(b), 10)})
+			strconv.FormatInt(int64(rec.AlertBelow), 10), strconv.FormatInt(int64(b.bal), 10)})
 		if err != nil || !found || !cmp.Equal(rec, again) || b != b2 {
-			t.Fatalf("round trip: %+v %v, %v; want %+v %v", again, b2, err, rec, b)
+			t.Fatalf("round trip: %+v %+v, %v; want %+v %+v", again, b2, err, rec, b)
 		}
-		if b < -money.Max || b > money.Max || rec.CreatedAt.UnixNano() <= 0 {
-			t.Fatalf("out of range: %+v, balance %v", rec, b)
+		if b.bal < -money.Max || b.bal > money.Max || b.reserved != 0 || rec.CreatedAt.UnixNano() <= 0 {
+			t.Fatalf("out of range: %+v, amounts %+v", rec, b)
 		}
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -32,12 +33,21 @@ import (
 //     change is thus repaired within about 3s.
 //   - When Redis fails, it waits, and does a full sync once Redis answers.
 //
+// Beside the mirror, it expires reservations every second
+// (ExpireReservations), those of every replica: all replicas sweep, and
+// each due reservation is committed once.
+//
 // Calling Run again after it returned continues from where it stopped.
 func (s *Store) Run(ctx context.Context) error {
 	if !s.running.CompareAndSwap(false, true) {
 		return errors.New("redisstore: Run is already running")
 	}
 	defer s.running.Store(false)
+	ectx, stopExpiry := context.WithCancel(ctx)
+	var expiry sync.WaitGroup
+	expiry.Go(func() { s.expireLoop(ectx) })
+	defer expiry.Wait()
+	defer stopExpiry()
 	if !s.pos.synced && s.pos.resync == "" {
 		s.pos.resync = syncStart
 	}

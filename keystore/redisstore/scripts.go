@@ -29,7 +29,7 @@ end
 var createAccountScript = redis.NewScript(changedLua + `
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'tier', ARGV[2], 'created_at', ARGV[3], 'alert_below', ARGV[4],
-  'bal', ARGV[5], 'leased', '0')
+  'bal', ARGV[5], 'leased', '0', 'reserved', '0')
 redis.call('SADD', KEYS[2], ARGV[1])
 return changed('acct', ARGV[1])
 `)
@@ -61,7 +61,8 @@ return changed('acct', ARGV[1])
 var createKeyScript = redis.NewScript(changedLua + `
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
-redis.call('HSET', KEYS[2], 'rec', ARGV[3], 'account', ARGV[2], 'spent', '0', 'period', ARGV[4], 'leased', '0')
+redis.call('HSET', KEYS[2], 'rec', ARGV[3], 'account', ARGV[2], 'spent', '0', 'period', ARGV[4], 'leased', '0',
+  'reserved', '0')
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 return changed('key', ARGV[1])
@@ -92,7 +93,8 @@ local cur = redis.call('HGET', KEYS[1], 'rec')
 if not cur then return -1 end
 if cur ~= ARGV[2] then return -2 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return -3 end
-redis.call('HSET', KEYS[2], 'rec', ARGV[5], 'account', ARGV[6], 'spent', '0', 'period', ARGV[7], 'leased', '0')
+redis.call('HSET', KEYS[2], 'rec', ARGV[5], 'account', ARGV[6], 'spent', '0', 'period', ARGV[7], 'leased', '0',
+  'reserved', '0')
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[1], 'rec', ARGV[3])

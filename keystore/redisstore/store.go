@@ -6,14 +6,16 @@
 //
 // Redis holds, under the deployment's prefix P:
 //
-//	P acct:{id}      HASH tier, created_at (unix nanos), alert_below, bal, leased
-//	P key:{id}       HASH rec (keystore.KeyRecord's encoding), account, spent, period, leased
+//	P acct:{id}      HASH tier, created_at (unix nanos), alert_below, bal, leased, reserved
+//	P key:{id}       HASH rec (keystore.KeyRecord's encoding), account, spent, period, leased, reserved
 //	P accounts       SET of account IDs
 //	P keys           SET of key IDs
 //	P acctkeys:{id}  SET of the account's key IDs (keys get --account)
 //	P version        INCR'd by every change of an account or key record
 //	P changes        STREAM, one entry per change: kind (acct|key), id, v (the version), by
 //	P marker         the data-loss marker (package rconn)
+//	P res:{request}  HASH an open reservation (settle: on_response; see settle.go)
+//	P resdue         ZSET request IDs of open reservations by deadline (unix ms)
 //
 // Admin commands write to Redis first, in one Lua script each, then mirror
 // what they wrote before returning: the replica that served a command
@@ -22,13 +24,16 @@
 // Redis, with the balance and spend that rlease keeps there.
 //
 // Balances, spend and leases belong to package rlease: this package
-// creates an account's opening balance and adds credits, nothing else.
+// creates an account's opening balance and adds credits, and keeps the
+// reservations of settle: on_response (Reserve, Settle and their expiry),
+// whose charges it applies and whose alerts it detects.
 package redisstore
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,8 +53,6 @@ var (
 	// keygate's data (its marker is gone, or is another one): balances there
 	// would be fresh, so nothing is spent until an operator recovers.
 	ErrDataLost = errors.New("redis has lost keygate's data (its marker is missing or changed): spending is refused until an operator recovers it")
-	// ErrSettleUnsupported is returned by Reserve.
-	ErrSettleUnsupported = errors.New("settle: on_response is not supported with store: redis")
 	// ErrNoLedger is returned by Debit when Options.Ledger is nil.
 	ErrNoLedger = errors.New("redisstore: no ledger to spend with")
 )
@@ -73,6 +76,16 @@ type Options struct {
 	// Timeout bounds each admin command and read of one record; 0 means
 	// 5s. Lists and full syncs get ten times as long.
 	Timeout time.Duration
+	// Thresholds are the fractions of a key's spend cap whose crossing by a
+	// settled or expired reservation raises a key_spend alert; nil means
+	// keystore.DefaultAlertThresholds, empty none.
+	Thresholds []float64
+	// Alerts, if not nil, is given the alerts that each charge of this
+	// replica's Settle and expiry crossed (an account's low balance too),
+	// without IDs: keystore.Store.RaiseAlerts gives them one. It is called
+	// on the caller's goroutine (an access-log stream, or Run), so it
+	// should not wait for long. nil: no alerts.
+	Alerts func([]keystore.Alert)
 }
 
 // Timeouts and intervals.
@@ -92,7 +105,7 @@ const metaEpoch = "redis_epoch"
 // signatures and error semantics of *keystore.Store's (the same sentinel
 // errors, wrapped), plus rconn.ErrUnavailable when Redis cannot serve:
 // admin writes are refused while Redis is down. Lookup, Debit and Reserve
-// make it an authz.Keys. Safe for concurrent use.
+// make it an authz.Keys, Settle a settle.Ledger. Safe for concurrent use.
 type Store struct {
 	conn    *rconn.Conn
 	local   *keystore.Store
@@ -102,6 +115,13 @@ type Store struct {
 	replica string
 	timeout time.Duration
 	m       *metrics
+
+	thresholds []float64
+	alerts     func([]keystore.Alert)
+
+	// Set while Redis fails Settle or the expiry: only the first failure
+	// of a run is logged as such.
+	settleFailing, expireFailing atomic.Bool
 
 	// apply serialises every fetch-then-Mirror (Run's, and each admin
 	// command's after its write): each one's fetch sees Redis at least as
@@ -150,6 +170,9 @@ func Open(conn *rconn.Conn, local *keystore.Store, o Options) (*Store, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = defaultTimeout
 	}
+	if o.Thresholds == nil {
+		o.Thresholds = keystore.DefaultAlertThresholds
+	}
 	m, err := newMetrics(o.Metrics)
 	if err != nil {
 		return nil, err
@@ -157,6 +180,7 @@ func Open(conn *rconn.Conn, local *keystore.Store, o Options) (*Store, error) {
 	s := &Store{
 		conn: conn, local: local, ledger: o.Ledger, log: o.Log, now: o.Now,
 		replica: o.ReplicaID, timeout: o.Timeout, m: m,
+		thresholds: slices.Clone(o.Thresholds), alerts: o.Alerts,
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.Timeout)
 	defer cancel()
@@ -186,12 +210,6 @@ func (s *Store) Debit(k *keystore.Key, price money.Micros) error {
 		return ErrNoLedger
 	}
 	return s.ledger.Spend(k, price)
-}
-
-// Reserve fails: settlement after the response needs reservations shared
-// between replicas, which this store does not keep.
-func (s *Store) Reserve(*keystore.Key, string, money.Micros, money.Micros, time.Time) error {
-	return ErrSettleUnsupported
 }
 
 // DataLost reports whether Redis was found to have lost keygate's data: it

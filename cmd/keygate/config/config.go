@@ -87,6 +87,9 @@ type File struct {
 	// --db keeps each replica's last known key records).
 	Store StoreKind `yaml:"store"`
 	Redis *Redis    `yaml:"redis"`
+	// RedisOutage is what a Check's spend does while Redis is unreachable
+	// and the replica's lease does not cover it (store: redis).
+	RedisOutage *RedisOutage `yaml:"redis_outage"`
 }
 
 // StoreKind names where accounts, keys and balances live.
@@ -113,12 +116,14 @@ type Redis struct {
 	KeyPrefix string `yaml:"key_prefix"`
 	// Timeout bounds every Redis wait on the Check path (default 50ms).
 	Timeout string `yaml:"timeout"`
-	// Outage is what a Check's spend does while Redis is unreachable and
-	// the replica's lease does not cover it: fail_closed (the default:
-	// deny with a 503) or allow_local (allow up to OutageAllowanceUSD per
-	// key, charged when Redis is back).
-	Outage             OutagePolicy `yaml:"outage"`
-	OutageAllowanceUSD string       `yaml:"outage_allowance_usd"`
+}
+
+// RedisOutage is the redis_outage: block: spend is fail_closed (the
+// default: deny with a 503) or local_allowance (allow up to
+// LocalAllowanceUSD per key per replica, charged when Redis is back).
+type RedisOutage struct {
+	Spend             OutagePolicy `yaml:"spend"`
+	LocalAllowanceUSD string       `yaml:"local_allowance_usd"`
 }
 
 // RedisTLS configures TLS to Redis: the CA that signed its certificate
@@ -133,8 +138,8 @@ type OutagePolicy string
 
 // Outage policies.
 const (
-	OutageFailClosed OutagePolicy = "fail_closed"
-	OutageAllowLocal OutagePolicy = "allow_local"
+	OutageFailClosed     OutagePolicy = "fail_closed"
+	OutageLocalAllowance OutagePolicy = "local_allowance"
 )
 
 // Alerts is where spend alerts go and when keys' alerts fire. After Parse
@@ -179,8 +184,8 @@ type Config struct {
 	Tiers  map[string]ratelimit.Rate // parsed File.Tiers
 	// SettleTimeout is File.SettleTimeout parsed: in (0, MaxSettleTimeout].
 	SettleTimeout time.Duration
-	// RedisTimeout and OutageAllowance are File.Redis's, parsed (store:
-	// redis only).
+	// RedisTimeout and OutageAllowance are File.Redis.Timeout and
+	// File.RedisOutage.LocalAllowanceUSD, parsed (store: redis only).
 	RedisTimeout    time.Duration
 	OutageAllowance money.Micros
 	// BuiltIn is true when no file was given and the example config is in use.
@@ -584,6 +589,9 @@ func buildStore(f *File) (time.Duration, money.Micros, error) {
 		if f.Redis != nil {
 			return 0, 0, errors.New("redis: set but store is bbolt; set store: redis to use it")
 		}
+		if f.RedisOutage != nil {
+			return 0, 0, errors.New("redis_outage: set but store is bbolt; set store: redis to use it")
+		}
 		return 0, 0, nil
 	case StoreRedis:
 	default:
@@ -592,9 +600,6 @@ func buildStore(f *File) (time.Duration, money.Micros, error) {
 	r := f.Redis
 	if r == nil || r.Addr == "" {
 		return 0, 0, errors.New("redis.addr: required with store: redis (host:port)")
-	}
-	if f.Settle == SettleOnResponse {
-		return 0, 0, errors.New("settle: on_response is not supported with store: redis yet: reservations are kept by the replica that allowed the request, and the access log may reach another one")
 	}
 	if host, port, err := net.SplitHostPort(r.Addr); err != nil || host == "" || port == "" {
 		return 0, 0, fmt.Errorf("redis.addr: %q is not host:port", r.Addr)
@@ -611,24 +616,28 @@ func buildStore(f *File) (time.Duration, money.Micros, error) {
 	case timeout <= 0 || timeout > maxRedisTimeout:
 		return 0, 0, fmt.Errorf("redis.timeout: %q is not in (0, 5s]: it bounds every Redis wait on the Check path", r.Timeout)
 	}
-	setDefault((*string)(&r.Outage), string(OutageFailClosed))
+	if f.RedisOutage == nil {
+		f.RedisOutage = &RedisOutage{}
+	}
+	o := f.RedisOutage
+	setDefault((*string)(&o.Spend), string(OutageFailClosed))
 	var allowance money.Micros
-	switch r.Outage {
+	switch o.Spend {
 	case OutageFailClosed:
-		if r.OutageAllowanceUSD != "" {
-			return 0, 0, errors.New("redis.outage_allowance_usd: set but redis.outage is fail_closed; set outage: allow_local to use it")
+		if o.LocalAllowanceUSD != "" {
+			return 0, 0, errors.New("redis_outage.local_allowance_usd: set but redis_outage.spend is fail_closed; set spend: local_allowance to use it")
 		}
-	case OutageAllowLocal:
-		if r.OutageAllowanceUSD == "" {
-			return 0, 0, errors.New("redis.outage_allowance_usd: required with outage: allow_local (the most each key may spend per replica while Redis is down)")
+	case OutageLocalAllowance:
+		if o.LocalAllowanceUSD == "" {
+			return 0, 0, errors.New("redis_outage.local_allowance_usd: required with spend: local_allowance (the most each key may spend per replica while Redis is down)")
 		}
-		a, err := money.ParseUSD(r.OutageAllowanceUSD)
+		a, err := money.ParseUSD(o.LocalAllowanceUSD)
 		if err != nil {
-			return 0, 0, fmt.Errorf("redis.outage_allowance_usd: %w", err)
+			return 0, 0, fmt.Errorf("redis_outage.local_allowance_usd: %w", err)
 		}
 		allowance = a
 	default:
-		return 0, 0, fmt.Errorf("redis.outage: %q is not fail_closed or allow_local", r.Outage)
+		return 0, 0, fmt.Errorf("redis_outage.spend: %q is not fail_closed or local_allowance", o.Spend)
 	}
 	return timeout, allowance, nil
 }

@@ -176,7 +176,7 @@ func TestParseErrors(t *testing.T) {
 		name    string // testdata/bad_<name>.yaml
 		wantErr string
 	}{
-		{"unknown_top_level", `rate_limt: unknown field (line 4; known: db, listen, admin_listen, http_listen, log_level, log_format, tiers, default_tier, routes, settle, settle_timeout, alerts, store, redis)`},
+		{"unknown_top_level", `rate_limt: unknown field (line 4; known: db, listen, admin_listen, http_listen, log_level, log_format, tiers, default_tier, routes, settle, settle_timeout, alerts, store, redis, redis_outage)`},
 		{"unknown_route_field", `routes[1].pathprefix: unknown field (line 7; known: method, path, path_prefix, scope, price_usd, max_price_usd)`},
 		{"unknown_tier_field", `tiers.tier1.ratelimit: unknown field (line 3; known: rate_limit)`},
 		{"merged_unknown_field", "yaml: unmarshal errors:\n  line 2: field rate_limit not found in type config.Route"},
@@ -663,7 +663,7 @@ func TestParseRedis(t *testing.T) {
 		timeout   time.Duration
 		allowance money.Micros
 	}{
-		{"defaults", "redis: {addr: 10.0.0.7:6379}", Redis{Addr: "10.0.0.7:6379", KeyPrefix: "keygate:", Timeout: "50ms", Outage: OutageFailClosed}, 50 * time.Millisecond, 0},
+		{"defaults", "redis: {addr: 10.0.0.7:6379}", Redis{Addr: "10.0.0.7:6379", KeyPrefix: "keygate:", Timeout: "50ms"}, 50 * time.Millisecond, 0},
 		{"everything", `redis:
   addr: redis.internal:6380
   password: pw
@@ -671,11 +671,9 @@ func TestParseRedis(t *testing.T) {
   tls: {ca_file: /etc/ca.pem, server_name: redis.internal}
   key_prefix: "prod:kg:"
   timeout: 20ms
-  outage: allow_local
-  outage_allowance_usd: "0.50"`, Redis{Addr: "redis.internal:6380", Password: "pw", DB: 3,
-			TLS: &RedisTLS{CAFile: "/etc/ca.pem", ServerName: "redis.internal"}, KeyPrefix: "prod:kg:", Timeout: "20ms",
-			Outage: OutageAllowLocal, OutageAllowanceUSD: "0.50"}, 20 * time.Millisecond, 500_000},
-		{"empty tls block means TLS", "redis: {addr: r:6379, tls: {}}", Redis{Addr: "r:6379", TLS: &RedisTLS{}, KeyPrefix: "keygate:", Timeout: "50ms", Outage: OutageFailClosed}, 50 * time.Millisecond, 0},
+redis_outage: {spend: local_allowance, local_allowance_usd: "0.50"}`, Redis{Addr: "redis.internal:6380", Password: "pw", DB: 3,
+			TLS: &RedisTLS{CAFile: "/etc/ca.pem", ServerName: "redis.internal"}, KeyPrefix: "prod:kg:", Timeout: "20ms"}, 20 * time.Millisecond, 500_000},
+		{"empty tls block means TLS", "redis: {addr: r:6379, tls: {}}", Redis{Addr: "r:6379", TLS: &RedisTLS{}, KeyPrefix: "keygate:", Timeout: "50ms"}, 50 * time.Millisecond, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -704,12 +702,12 @@ func TestParseRedis(t *testing.T) {
 		{"db not a number", base + "redis: {addr: r:1, db: one}", "cannot unmarshal"},
 		{"zero timeout", base + "redis: {addr: r:1, timeout: 0s}", `redis.timeout: "0s" is not in (0, 5s]`},
 		{"long timeout", base + "redis: {addr: r:1, timeout: 6s}", `redis.timeout: "6s" is not in (0, 5s]`},
-		{"bad outage", base + "redis: {addr: r:1, outage: open}", `redis.outage: "open" is not fail_closed or allow_local`},
-		{"allowance without allow_local", base + "redis: {addr: r:1, outage_allowance_usd: \"1\"}", "redis.outage_allowance_usd: set but redis.outage is fail_closed"},
-		{"allow_local without allowance", base + "redis: {addr: r:1, outage: allow_local}", "redis.outage_allowance_usd: required with outage: allow_local"},
-		{"bad allowance", base + "redis: {addr: r:1, outage: allow_local, outage_allowance_usd: \"-1\"}", "redis.outage_allowance_usd:"},
+		{"bad outage", base + "redis: {addr: r:1}\nredis_outage: {spend: open}", `redis_outage.spend: "open" is not fail_closed or local_allowance`},
+		{"allowance when failing closed", base + "redis: {addr: r:1}\nredis_outage: {local_allowance_usd: \"1\"}", "redis_outage.local_allowance_usd: set but redis_outage.spend is fail_closed"},
+		{"local_allowance without allowance", base + "redis: {addr: r:1}\nredis_outage: {spend: local_allowance}", "redis_outage.local_allowance_usd: required with spend: local_allowance"},
+		{"bad allowance", base + "redis: {addr: r:1}\nredis_outage: {spend: local_allowance, local_allowance_usd: \"-1\"}", "redis_outage.local_allowance_usd:"},
+		{"redis_outage without redis", "redis_outage: {spend: fail_closed}", "redis_outage: set but store is bbolt"},
 		{"unknown tls field", base + "redis: {addr: r:1, tls: {ca: x}}", "redis.tls.ca: unknown field"},
-		{"on_response", base + "settle: on_response\nredis: {addr: r:1}", "settle: on_response is not supported with store: redis"},
 	}
 	for _, tt := range errs {
 		t.Run(tt.name, func(t *testing.T) {
