@@ -38,9 +38,10 @@ fuzz:
 	done
 
 # make bench: load benchmark against the no-op floor (cmd/bench/README.md), ~4 min.
-# PROFILE=1 adds bin/bench/keygate.cpu.pprof; QUICK=1 is a ~40 s smoke run.
+# PROFILE=1 adds bin/bench/keygate.cpu.pprof; QUICK=1 is a ~40 s smoke run;
+# REDIS=1 runs store: redis with 1 and 3 replicas on a redis-server it starts.
 bench: build
-	$(GO) run ./cmd/bench/load -out bin/bench -keygate $(BIN) $(if $(PROFILE),-profile) $(if $(QUICK),-quick)
+	$(GO) run ./cmd/bench/load -out bin/bench -keygate $(BIN) $(if $(PROFILE),-profile) $(if $(QUICK),-quick) $(if $(REDIS),-redis)
 
 # make bench-go: the in-process Go benchmarks (decision, handler, store).
 bench-go:

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,8 @@ type bench struct {
 	flushDB             string
 
 	procs    []*proc
+	rd       *redisRun
+	Redis    string      `json:"redis_server,omitempty"` // its --version, in Redis mode
 	Machine  machine     `json:"machine"`
 	Phases   []*phaseRun `json:"phases"`
 	Flush    *flushRun   `json:"flush,omitempty"`
@@ -81,6 +84,9 @@ type phaseRun struct {
 	// Other is the CPU time that something other than the server used on
 	// the server's core during the window: noise, when it is not small.
 	Other float64 `json:"other_on_server_core_seconds"`
+	// Replicas is the number of keygate replicas of a Redis phase (0: one
+	// server on its own store).
+	Replicas int `json:"replicas,omitempty"`
 	// Slots summarises Result.Timeline in results.json.
 	Slots []slotSummary `json:"timeline,omitempty"`
 }
@@ -92,15 +98,15 @@ func orchestrate(ctx context.Context, o options, stdout, stderr io.Writer) (err 
 			err = cerr
 		}
 	}()
-	steps := []struct {
+	type step struct {
 		name string
 		fn   func(context.Context) error
-	}{
-		{"set up", b.setup},
-		{"build", b.build},
-		{"seed", b.seedAll},
-		{"measure", b.measure},
-		{"flush phases", b.measureFlush},
+	}
+	steps := []step{{"set up", b.setup}, {"build", b.build}, {"seed", b.seedAll}}
+	if o.redis {
+		steps = append(steps, step{"redis mode", b.measureRedis})
+	} else {
+		steps = append(steps, step{"measure", b.measure}, step{"flush phases", b.measureFlush})
 	}
 	for _, s := range steps {
 		if err := s.fn(ctx); err != nil {
@@ -149,7 +155,10 @@ func (b *bench) setup(context.Context) error {
 	}
 	cores := runtime.NumCPU()
 	pin := "not pinned: taskset not found"
-	if _, err := exec.LookPath("taskset"); err == nil {
+	if b.o.redis {
+		pin = fmt.Sprintf("not pinned (Redis mode): up to %d keygate replicas, redis-server and the generator share %d cores, so pinning one process per core is meaningless; every row here, floor and bbolt included, runs unpinned",
+			slices.Max(b.o.replicas), cores)
+	} else if _, err := exec.LookPath("taskset"); err == nil {
 		if cores >= 2 {
 			b.serverCPU, b.genCPU = "0", "1"
 			pin = "server on CPU 0, generator on CPU 1 (taskset)"
@@ -164,6 +173,10 @@ func (b *bench) setup(context.Context) error {
 		Command: "go run ./cmd/bench/load " + strings.Join(os.Args[1:], " "),
 		Method: fmt.Sprintf("closed loop, %s client, %d HTTP/2 connections, %v warm-up + %v measured per phase, %d round(s) alternating floor and keygate",
 			b.o.client, b.o.conns, b.o.warmup, b.o.duration, b.o.rounds),
+	}
+	if b.o.redis {
+		b.Machine.Method = fmt.Sprintf("closed loop, %s client, %d HTTP/2 connections per server, %d round(s): at each concurrency the floor and keygate on bbolt (%v warm-up), then keygate on Redis with %v replicas (%v warm-up), Checks round-robin over the replicas; %v measured per phase",
+			b.o.client, b.o.conns, b.o.rounds, b.o.warmup, b.o.replicas, b.o.redisWarmup, b.o.duration)
 	}
 	b.logf("machine: %s, %d cores, %s; %s", b.Machine.CPU, cores, b.Machine.Go, pin)
 	return nil
@@ -314,27 +327,10 @@ func copyFile(from, to string) error {
 	return dst.Close()
 }
 
-// startKeygate starts keygate serve on db with extra environment.
+// startKeygate starts keygate serve (store: bbolt) on db with extra
+// environment.
 func (b *bench) startKeygate(ctx context.Context, name, db string, env ...string) (*server, error) {
-	addrs, err := freeAddrs(3)
-	if err != nil {
-		return nil, err
-	}
-	argv := pinned(b.serverCPU, b.keygateBin, "serve", "--config", b.config, "--db", db,
-		"--listen", addrs[0], "--admin-listen", addrs[1], "--http-listen", addrs[2])
-	p, err := startProc(name, filepath.Join(b.o.out, name+".log"), env, argv...)
-	if err != nil {
-		return nil, err
-	}
-	b.procs = append(b.procs, p)
-	s := &server{name: name, p: p, addr: addrs[0], httpAddr: addrs[2]}
-	if err := p.waitReady(ctx, 60*time.Second, httpOK("http://"+s.httpAddr+"/readyz")); err != nil {
-		return nil, err
-	}
-	if err := p.waitReady(ctx, 10*time.Second, dialable(s.addr)); err != nil {
-		return nil, err
-	}
-	return s, nil
+	return b.startServer(ctx, name, b.config, db, env...)
 }
 
 func (b *bench) startNoop(ctx context.Context) (*server, error) {
@@ -486,14 +482,20 @@ func (b *bench) check(pr *phaseRun) {
 	}
 }
 
-// gen runs `load gen` and decodes its result.
+// gen runs `load gen` against s and decodes its result.
 func (b *bench) gen(ctx context.Context, s *server, mode string, conc int, keys string, slot, warmup, duration time.Duration, extra ...string) (loadgen.Result, error) {
-	args := []string{b.self, "gen",
-		"-addr", s.addr, "-mode", mode, "-keys", keys, "-limited", b.limited,
+	return b.genCluster(ctx, single(s), mode, conc, keys, slot, warmup, duration, extra...)
+}
+
+// genCluster runs `load gen` against every server of cl and decodes its
+// result.
+func (b *bench) genCluster(ctx context.Context, cl *cluster, mode string, conc int, keys string, slot, warmup, duration time.Duration, extra ...string) (loadgen.Result, error) {
+	args := append([]string{b.self, "gen"}, clusterArgs(cl)...)
+	args = append(args, "-mode", mode, "-keys", keys, "-limited", b.limited,
 		"-c", strconv.Itoa(conc), "-conns", strconv.Itoa(b.o.conns), "-client", b.o.client,
 		"-warmup", warmup.String(), "-duration", duration.String(), "-slot", slot.String(),
-		"-pid", strconv.Itoa(s.p.pid()), "-clk-tck", strconv.FormatInt(b.ticks, 10),
-		"-timeout", b.o.timeout.String(), "-raw=" + strconv.FormatBool(b.o.raw)}
+		"-clk-tck", strconv.FormatInt(b.ticks, 10),
+		"-timeout", b.o.timeout.String(), "-raw="+strconv.FormatBool(b.o.raw))
 	args = append(args, extra...)
 	argv := pinned(b.genCPU, args...)
 	ctx, cancel := context.WithTimeout(ctx, warmup+duration+2*time.Minute)
@@ -508,8 +510,14 @@ func (b *bench) gen(ctx context.Context, s *server, mode string, conc int, keys 
 	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
 		return loadgen.Result{}, fmt.Errorf("generator output: %w", err)
 	}
-	if s.p.exited() {
-		return res, fmt.Errorf("%w: %s exited during the phase (%v); see %s", errBench, s.name, s.p.err, s.p.log.Name())
+	procs := []*proc{cl.redis}
+	for _, s := range cl.servers {
+		procs = append(procs, s.p)
+	}
+	for _, p := range procs {
+		if p != nil && p.exited() {
+			return res, fmt.Errorf("%w: %s exited during the phase (%v); see %s", errBench, p.name, p.err, p.log.Name())
+		}
 	}
 	return res, nil
 }

@@ -11,9 +11,11 @@
 //	go run ./cmd/bench/load -out bin/bench            # the full run, under 5 minutes
 //	go run ./cmd/bench/load -out bin/bench -quick     # every phase, 1 s each
 //	go run ./cmd/bench/load -out bin/bench -profile   # also a CPU profile of keygate under load
+//	go run ./cmd/bench/load -out bin/bench -redis     # Redis mode: 1 and 3 replicas on a redis-server it starts
 //
-// `load gen` is the generator alone, one phase against one server; the
-// orchestrator runs it as a child process (see cmd/bench/README.md).
+// `load gen` is the generator alone, one phase against one server (or
+// several replicas, round-robin); the orchestrator runs it as a child
+// process (see cmd/bench/README.md).
 package main
 
 import (
@@ -24,6 +26,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -75,6 +78,14 @@ type options struct {
 	accounts    int
 	keysPer     int
 	limitedKeys int
+	// Redis mode (-redis): replaces the main, denial and flush phases.
+	redis       bool
+	redisBin    string
+	replicas    []int
+	redisWarmup time.Duration
+	hotKeys     int
+	// redisTimeout is the replicas' redis.timeout ("": keygate's default).
+	redisTimeout string
 }
 
 func parseOptions(args []string, stderr io.Writer) (options, error) {
@@ -102,6 +113,13 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.accounts, "accounts", 1_000, "accounts in the main store")
 	fs.IntVar(&o.keysPer, "keys-per-account", 10, "keys per account in the main store")
 	fs.IntVar(&o.limitedKeys, "limited-keys", 1_000, "rate-limited keys (1/d, spent before measuring)")
+	var replicas string
+	fs.BoolVar(&o.redis, "redis", false, "Redis mode: keygate with store: redis, 1 and 3 replicas on one redis-server it starts, beside the floor and keygate on bbolt, all unpinned (instead of the main, denial and flush phases)")
+	fs.StringVar(&o.redisBin, "redis-server", "redis-server", "redis-server binary for -redis")
+	fs.StringVar(&replicas, "replicas", "1,3", "replica counts of the Redis phases")
+	fs.DurationVar(&o.redisWarmup, "redis-warmup", 5*time.Second, "warm-up of each Redis phase, so that its window opens on a steady state, not on first leases")
+	fs.StringVar(&o.redisTimeout, "redis-timeout", "", "the replicas' redis.timeout (empty: keygate's default, 50ms); the tests raise it, so that a slow machine does not trip the breaker")
+	fs.IntVar(&o.hotKeys, "hot-keys", 100, "Redis mode: one more phase per replica count at the highest concurrency, over this many keys only (0: none)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -123,7 +141,22 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		if !set["flush-accounts"] {
 			o.flushAccts = 10_000
 		}
+		if !set["redis-warmup"] {
+			o.redisWarmup = time.Second
+		}
 	}
+	if o.redis {
+		o.flush = false // the flush phases are the bbolt ledger's
+	}
+	for _, r := range strings.Split(replicas, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(r))
+		if err != nil || n < 1 || n > 16 {
+			return o, fmt.Errorf("%w: -replicas %q: counts from 1 to 16", errFlags, replicas)
+		}
+		o.replicas = append(o.replicas, n)
+	}
+	slices.Sort(o.replicas)
+	o.replicas = slices.Compact(o.replicas)
 	for _, c := range strings.Split(concs, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(c))
 		if err != nil || n < 1 {
@@ -132,10 +165,12 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		o.concs = append(o.concs, n)
 	}
 	switch {
-	case o.rounds < 1 || o.duration <= 0 || o.warmup < 0 || o.conns < 1 || o.denialConc < 1:
+	case o.rounds < 1 || o.duration <= 0 || o.warmup < 0 || o.redisWarmup < 0 || o.conns < 1 || o.denialConc < 1 || o.hotKeys < 0:
 		return o, fmt.Errorf("%w: rounds, duration, conns and denial-c must be positive", errFlags)
 	case o.accounts < 1 || o.keysPer < 1 || o.limitedKeys < 1 || o.flushAccts < 1:
 		return o, fmt.Errorf("%w: accounts, keys-per-account, limited-keys and flush-accounts must be positive", errFlags)
+	case o.redis && o.profile:
+		return o, fmt.Errorf("%w: -profile profiles the bbolt run; run it without -redis", errFlags)
 	case o.client != "h2" && o.client != "grpc":
 		return o, fmt.Errorf("%w: -client %q: h2 or grpc", errFlags, o.client)
 	}

@@ -19,15 +19,19 @@ import (
 type agg struct {
 	n, timeouts           uint64
 	secs, cpu, gen, other float64
+	redisCPU, busy        float64 // redis-server's CPU; all cores' busy time
 	hist                  loadgen.Histogram
 	rss                   int64
 	rates                 []float64
 	byStatus              map[int]uint64
 	want                  int
+	// counters sums the phases' counter deltas (each already summed over
+	// the replicas by the generator's probe).
+	counters map[string]float64
 }
 
 func aggregate(phases []*phaseRun, server, mode string, conc int) *agg {
-	a := &agg{byStatus: map[int]uint64{}}
+	a := &agg{byStatus: map[int]uint64{}, counters: map[string]float64{}}
 	for _, p := range phases {
 		if p.Server != server || p.Mode != mode || p.Conc != conc {
 			continue
@@ -39,6 +43,13 @@ func aggregate(phases []*phaseRun, server, mode string, conc int) *agg {
 		a.cpu += r.ServerCPUSeconds
 		a.gen += r.GenCPUSeconds
 		a.other += p.Other
+		a.redisCPU += r.RedisCPUSeconds
+		for _, c := range r.CoreBusySeconds {
+			a.busy += c
+		}
+		for k, v := range r.Counters {
+			a.counters[k] += v
+		}
 		a.hist.Merge(loadgen.FromSparse(r.Latency))
 		a.rss = max(a.rss, r.ServerRSS)
 		a.rates = append(a.rates, r.PerSecond)
@@ -55,6 +66,9 @@ func aggregate(phases []*phaseRun, server, mode string, conc int) *agg {
 
 func (a *agg) rate() float64        { return float64(a.n) / a.secs }
 func (a *agg) cpuPerCheck() float64 { return perCheckUS(a.cpu, a.n) }
+func (a *agg) redisCPUPerCheck() float64 {
+	return perCheckUS(a.redisCPU, a.n)
+}
 func (a *agg) q(q float64) time.Duration {
 	return a.hist.Quantile(q)
 }
@@ -201,12 +215,19 @@ func (b *bench) report() error {
 	m := b.Machine
 	fmt.Fprintf(&sb, "keygate load benchmark, %s\n", m.Date)
 	fmt.Fprintf(&sb, "machine: %s, %d cores, Linux %s, %s; %s\n", m.CPU, m.Cores, m.Kernel, m.Go, m.Pinning)
+	if b.Redis != "" {
+		fmt.Fprintf(&sb, "redis:   %s\n", b.Redis)
+	}
 	fmt.Fprintf(&sb, "command: %s\n", m.Command)
 	fmt.Fprintf(&sb, "method:  %s\n", m.Method)
 	for _, s := range b.Seeding {
 		fmt.Fprintf(&sb, "store:   %s\n", s)
 	}
-	sb.WriteString("\n" + b.allowedTable() + "\n" + b.denialTable())
+	if b.o.redis {
+		sb.WriteString("\n" + b.redisTable())
+	} else {
+		sb.WriteString("\n" + b.allowedTable() + "\n" + b.denialTable())
+	}
 	if b.Flush != nil && b.Flush.Off != nil {
 		sb.WriteString("\n" + b.Flush.table())
 	}
@@ -221,9 +242,13 @@ func (b *bench) report() error {
 			fmt.Fprintf(&sb, "\nCPU profile: %s (go tool pprof -top %s)\n%s", b.Profile, b.Profile, top)
 		}
 	}
-	sb.WriteString("\nCPU µs/check: the server's user+system CPU time over the window (/proc/PID/stat) per answered Check.\n")
-	sb.WriteString("server/gen CPU: share of one core used by the server and by the generator; a generator near 100% limits the rate.\n")
-	sb.WriteString("noise: share of the server's core used by other processes during the window; above ~10% the figures are low.\n")
+	if b.o.redis {
+		sb.WriteString(redisLegend)
+	} else {
+		sb.WriteString("\nCPU µs/check: the server's user+system CPU time over the window (/proc/PID/stat) per answered Check.\n")
+		sb.WriteString("server/gen CPU: share of one core used by the server and by the generator; a generator near 100% limits the rate.\n")
+		sb.WriteString("noise: share of the server's core used by other processes during the window; above ~10% the figures are low.\n")
+	}
 	if len(b.Warnings) > 0 {
 		sb.WriteString("\nWARNINGS:\n")
 		for _, w := range b.Warnings {

@@ -28,7 +28,11 @@ const (
 // during Warmup are not counted; the phase then lasts Duration, and no call
 // starts after it. MaxRequests bounds the calls started, warm-up included.
 type Config struct {
-	Addr        string // host:port
+	Addr string // host:port
+	// Addrs, when set, replaces Addr: several servers (replicas), each
+	// with Conns connections; calls go to them in turn, call n to server
+	// n mod len(Addrs), as a round-robin load balancer sends them.
+	Addrs       []string
 	Client      string // ClientH2 (default) or ClientGRPC
 	Conns       int
 	Concurrency int
@@ -55,6 +59,10 @@ type Sample struct {
 	ServerRSS int64         // bytes
 	ServerHWM int64         // peak RSS, bytes
 	GenCPU    time.Duration
+	RedisCPU  time.Duration // user + system of a redis-server, if any
+	// Counters are cumulative counters read from the servers (for
+	// instance from their /metrics, summed over replicas), by name.
+	Counters map[string]float64
 	// CoreBusy is each core's time not idle (user, system, interrupts,
 	// steal), by core number: with the server's CPU time it tells how much
 	// else ran on the server's core.
@@ -80,7 +88,11 @@ type Result struct {
 	ServerHWM        int64     `json:"server_hwm_bytes"`
 	GenCPUSeconds    float64   `json:"gen_cpu_seconds"`
 	CoreBusySeconds  []float64 `json:"core_busy_seconds"`
-	Timeline         []Slot    `json:"timeline,omitempty"`
+	RedisCPUSeconds  float64   `json:"redis_cpu_seconds,omitempty"`
+	// Counters are the Probe's counters over the window: end − begin (a
+	// counter first seen at the end counts from zero).
+	Counters map[string]float64 `json:"counters,omitempty"`
+	Timeline []Slot             `json:"timeline,omitempty"`
 }
 
 // Slot is the latency of the calls answered in one timeline slot.
@@ -134,8 +146,10 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		return Result{}, err
 	}
 	defer func() {
-		for _, c := range callers {
-			c.close()
+		for _, cs := range callers {
+			for _, c := range cs {
+				c.close()
+			}
 		}
 	}()
 
@@ -162,7 +176,11 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			work(runCtx, cfg, callers[w%len(callers)].newCallFunc(), tl, &seq, uint64(w), winStart, winEnd)
+			calls := make([]callFunc, len(callers))
+			for a, cs := range callers {
+				calls[a] = cs[w%len(cs)].newCallFunc()
+			}
+			work(runCtx, cfg, calls, tl, &seq, uint64(w), winStart, winEnd)
 		}()
 	}
 
@@ -213,6 +231,8 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	if cfg.Probe != nil {
 		res.ServerCPUSeconds = (end.ServerCPU - begin.ServerCPU).Seconds()
 		res.GenCPUSeconds = (end.GenCPU - begin.GenCPU).Seconds()
+		res.RedisCPUSeconds = (end.RedisCPU - begin.RedisCPU).Seconds()
+		res.Counters = CounterDeltas(begin.Counters, end.Counters)
 		res.ServerRSS, res.ServerHWM = end.ServerRSS, end.ServerHWM
 		for i := range min(len(begin.CoreBusy), len(end.CoreBusy)) {
 			res.CoreBusySeconds = append(res.CoreBusySeconds, (end.CoreBusy[i] - begin.CoreBusy[i]).Seconds())
@@ -235,7 +255,21 @@ func sleepUntil(ctx context.Context, t time.Time) bool {
 	}
 }
 
-func work(ctx context.Context, cfg Config, call callFunc, tl *tally, seq *atomic.Uint64, w uint64, winStart, winEnd time.Time) {
+// CounterDeltas returns end − begin for each counter of end; a counter
+// missing from begin counts from zero (Prometheus exports a labelled
+// counter from its first use). Nil when end has none.
+func CounterDeltas(begin, end map[string]float64) map[string]float64 {
+	if len(end) == 0 {
+		return nil
+	}
+	out := make(map[string]float64, len(end))
+	for k, v := range end {
+		out[k] = v - begin[k]
+	}
+	return out
+}
+
+func work(ctx context.Context, cfg Config, calls []callFunc, tl *tally, seq *atomic.Uint64, w uint64, winStart, winEnd time.Time) {
 	rnd := rand.New(rand.NewPCG(cfg.Seed, w))
 	buf := make([]byte, 0, cfg.Source.MaxLen())
 	for ctx.Err() == nil {
@@ -248,7 +282,7 @@ func work(ctx context.Context, cfg Config, call callFunc, tl *tally, seq *atomic
 		if !start.Before(winEnd) {
 			return
 		}
-		resp, err := call(ctx, buf)
+		resp, err := calls[n%uint64(len(calls))](ctx, buf)
 		end := time.Now()
 		if end.Before(winStart) {
 			if err != nil && ctx.Err() == nil && !errors.Is(err, ErrTimeout) {
@@ -309,35 +343,53 @@ func timeline(tallies []*tally, slot, window time.Duration) []Slot {
 	return out
 }
 
-func dial(ctx context.Context, cfg Config) ([]caller, error) {
-	var out []caller
-	fail := func(err error) ([]caller, error) {
-		for _, c := range out {
-			c.close()
+// dial opens cfg.Conns connections to each server: the callers of server
+// i are out[i].
+func dial(ctx context.Context, cfg Config) ([][]caller, error) {
+	addrs := cfg.Addrs
+	if len(addrs) == 0 {
+		addrs = []string{cfg.Addr}
+	}
+	var out [][]caller
+	fail := func(err error) ([][]caller, error) {
+		for _, cs := range out {
+			for _, c := range cs {
+				c.close()
+			}
 		}
 		return nil, err
 	}
-	for range cfg.Conns {
-		switch cfg.Client {
-		case ClientH2, "":
-			c, err := DialH2(ctx, cfg.Addr, cfg.Timeout)
+	for _, addr := range addrs {
+		out = append(out, nil)
+		for range cfg.Conns {
+			c, err := dialOne(ctx, cfg, addr)
 			if err != nil {
-				return fail(fmt.Errorf("dial %s: %w", cfg.Addr, err))
+				return fail(err)
 			}
-			out = append(out, h2caller{conn: c})
-		case ClientGRPC:
-			cc, err := grpc.NewClient(cfg.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-				grpc.WithDefaultCallOptions(grpc.ForceCodecV2(rawCodec{})))
-			if err != nil {
-				return fail(fmt.Errorf("dial %s: %w", cfg.Addr, err))
-			}
-			cc.Connect()
-			out = append(out, grpcCaller{cc: cc, timeout: cfg.Timeout})
-		default:
-			return fail(fmt.Errorf("%w: unknown client %q", errConfig, cfg.Client))
+			out[len(out)-1] = append(out[len(out)-1], c)
 		}
 	}
 	return out, nil
+}
+
+func dialOne(ctx context.Context, cfg Config, addr string) (caller, error) {
+	switch cfg.Client {
+	case ClientH2, "":
+		c, err := DialH2(ctx, addr, cfg.Timeout)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", addr, err)
+		}
+		return h2caller{conn: c}, nil
+	case ClientGRPC:
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.ForceCodecV2(rawCodec{})))
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", addr, err)
+		}
+		cc.Connect()
+		return grpcCaller{cc: cc, timeout: cfg.Timeout}, nil
+	}
+	return nil, fmt.Errorf("%w: unknown client %q", errConfig, cfg.Client)
 }
 
 // h2caller makes calls on an H2Conn.

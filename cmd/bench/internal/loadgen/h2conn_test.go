@@ -12,6 +12,7 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/google/go-cmp/cmp"
 	"google.golang.org/genproto/googleapis/rpc/code"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -299,5 +300,51 @@ func TestRunTimeouts(t *testing.T) {
 		if got := FromSparse(res.Latency).Count(); got != res.Timeouts {
 			t.Errorf("%s: latency holds %d calls, want the %d timeouts", client, got, res.Timeouts)
 		}
+	}
+}
+
+// TestRunRoundRobin spreads calls over several servers in turn, with both
+// clients: with MaxRequests a multiple of the servers, each gets its share
+// exactly.
+func TestRunRoundRobin(t *testing.T) {
+	tp, err := Build(Spec{Method: "GET", Path: "/", Auth: "Bearer good"}, 1, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, _ := NewSource([]Template{tp}, nil)
+	for _, client := range []string{ClientH2, ClientGRPC} {
+		var fakes []*fakeAuthz
+		var addrs []string
+		for range 3 {
+			f, addr, _ := startFake(t)
+			fakes, addrs = append(fakes, f), append(addrs, addr)
+		}
+		res, err := Run(context.Background(), Config{
+			Addrs: addrs, Client: client, Conns: 2, Concurrency: 5, Duration: 5 * time.Second, MaxRequests: 300, Source: src,
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", client, err)
+		}
+		if res.Requests != 300 || res.Errors != 0 {
+			t.Errorf("%s: %d requests, %d errors (%s); want 300, 0", client, res.Requests, res.Errors, res.FirstErr)
+		}
+		for i, f := range fakes {
+			f.mu.Lock()
+			if n := len(f.ids); n != 100 {
+				t.Errorf("%s: server %d saw %d calls, want 100", client, i, n)
+			}
+			f.mu.Unlock()
+		}
+	}
+}
+
+func TestCounterDeltas(t *testing.T) {
+	got := CounterDeltas(map[string]float64{"a": 10, "gone": 5}, map[string]float64{"a": 25, "new": 3})
+	want := map[string]float64{"a": 15, "new": 3}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("CounterDeltas (-want +got):\n%s", diff)
+	}
+	if CounterDeltas(map[string]float64{"a": 1}, nil) != nil {
+		t.Error("CounterDeltas without end counters is not nil")
 	}
 }
