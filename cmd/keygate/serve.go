@@ -120,7 +120,11 @@ func serve(ctx context.Context, cfg *config.Config, adminToken string, log *zap.
 		Log: log.Named("keystore"), Metrics: reg,
 		AlertThresholds: cfg.Alerts.Thresholds,
 		Outbox:          cfg.Alerts.WebhookURL != "",
-		OnAlert:         func(a []keystore.Alert) { notifier.Notify(a) },
+		OnAlert: func(a []keystore.Alert) {
+			if notifier != nil { // nil only if serve fails before it starts
+				notifier.Notify(a)
+			}
+		},
 	}
 	// A benchmark knob, not a setting: the design promises a flush at least
 	// once a second, which only the default keeps. The load benchmark uses
