@@ -63,7 +63,7 @@ func (s *Store) Reserve(k *keystore.Key, requestID string, price, maxPrice money
 	err := s.conn.Call(context.Background(), "reserve", func(ctx context.Context, r *redis.Client) error {
 		var err error
 		code, err = reserveScript.Run(ctx, r,
-			[]string{s.resKey(requestID), s.resDueKey(), s.acctKey(k.Account), s.keyKey(k.ID)},
+			[]string{s.resKey(requestID), s.resDueKey(), s.acctKey(k.Account), s.keyKey(k.ID), s.conn.Key("contended")},
 			requestID, k.ID, k.Account, int64(price), int64(maxPrice), deadlineMS(deadline), s.replica,
 			int64(k.SpendCap), int(period), period.Index(s.now())).Int64()
 		return err
@@ -350,13 +350,16 @@ const (
 
 // reserveScript opens a reservation.
 //
-//	KEYS: res:{id}, resdue, acct:{a}, key:{k}
+//	KEYS: res:{id}, resdue, acct:{a}, key:{k}, contended
 //	ARGV: id, key id, account, price, max, deadline ms, replica, cap,
 //	      cap period kind, current period index
 //
 // A key's spend of an earlier cap period than the current one is rolled
 // over (spent 0) before the cap is checked. Returns reserveOK or one of the
-// refusals, with nothing changed but the roll.
+// refusals, with nothing changed but the roll and, on a refusal for the
+// balance or the cap, a contention mark (as rlease's lease script leaves):
+// replicas then give back the money leases they hold idle for it within a
+// second, so a retry finds what they were keeping.
 var reserveScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return -3 end
 local a = redis.call('HMGET', KEYS[3], 'bal', 'leased', 'reserved')
@@ -364,13 +367,23 @@ if not a[1] then return -4 end
 local k = redis.call('HMGET', KEYS[4], 'spent', 'leased', 'reserved', 'period')
 if not k[1] then return -5 end
 local price = tonumber(ARGV[4])
-if tonumber(a[1]) - (tonumber(a[2]) or 0) - (tonumber(a[3]) or 0) < price then return -1 end
+local function flag(m)
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[5], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 2000, m)
+end
+if tonumber(a[1]) - (tonumber(a[2]) or 0) - (tonumber(a[3]) or 0) < price then
+  flag('acct:' .. ARGV[3])
+  return -1
+end
 if tonumber(ARGV[10]) > (tonumber(k[4]) or 0) then
   redis.call('HSET', KEYS[4], 'spent', '0', 'period', ARGV[10])
   k[1] = '0'
 end
 local cap = tonumber(ARGV[8])
-if cap > 0 and tonumber(k[1]) + (tonumber(k[2]) or 0) + (tonumber(k[3]) or 0) + price > cap then return -2 end
+if cap > 0 and tonumber(k[1]) + (tonumber(k[2]) or 0) + (tonumber(k[3]) or 0) + price > cap then
+  flag('key:' .. ARGV[2])
+  return -2
+end
 redis.call('HINCRBY', KEYS[3], 'reserved', ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'reserved', ARGV[4])
 redis.call('HSET', KEYS[1], 'key', ARGV[2], 'account', ARGV[3], 'price', ARGV[4], 'max', ARGV[5],

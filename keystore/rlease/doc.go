@@ -15,6 +15,16 @@
 // was lost is adopted rather than leaked. Across replicas the balance never
 // goes below zero and no key spends past its cap.
 //
+// Contention: a lease is idle when unused for 30s, unless its account or
+// key is contended, when 1s is enough. A lease call that grants less than
+// it wanted, or refuses, marks what limited it contended for 2s (the
+// contended ZSET: acct:{a}, key:{k}, rl:{key}, scored by expiry); each
+// replica's heartbeat (once a second, the same call) returns the marks. So
+// a key used every few seconds keeps its lease, far from exhaustion (no
+// Redis call per Check), while a replica refused because another holds an
+// idle lease of the same balance or cap sees it returned within about a
+// second (a heartbeat and a report), and its retry passes.
+//
 // Cap periods: a key with a day or month cap has its spent in the key
 // hash's period (days or months since 1970, UTC); a lease or report that
 // finds an earlier period there starts spent over at 0 first. What a
@@ -32,16 +42,20 @@
 //
 // Rate (Limiter): each key's token bucket is a GCRA in Redis (its
 // theoretical arrival time, as in ratelimit.Limiter); a replica leases at
-// most 5% of N tokens at a time and returns what is left within a second.
-// At most N + (replicas − 1) × lease requests pass where one bucket would
-// pass N; when demand exceeds the limit, at least the limit passes.
+// most 5% of N tokens at a time. It keeps what is left while the key is
+// uncontended (until the key has been unused for 30s); once any replica's
+// lease of the key comes up short (marking it contended), every replica
+// returns what it holds within about a second (it polls the marks once a
+// second while it holds tokens, in the call that returns them). At most
+// N + (replicas − 1) × lease requests pass where one bucket would pass N;
+// when demand exceeds the limit, at least the limit passes.
 //
 // Redis keys (P is the key prefix): acct:{id} and key:{id} hold the money
 // fields this package owns (bal updates, leased, spent, period) beside
 // what redisstore writes (reserved and alert_below are read; key:{id}'s
 // account field is read when reclaiming); lease:{replica},
-// reports:{replica}, reported:{replica}, replicas and rl:{key} are this
-// package's.
+// reports:{replica}, reported:{replica}, replicas, contended and rl:{key}
+// are this package's.
 //
 // Redis down: a lease held is still spent (for 15s after Redis last heard
 // from the replica: other replicas reclaim a silent replica's leases after

@@ -59,8 +59,23 @@ func (p OutagePolicy) String() string {
 // Tuning of the ledger. The windows are the design's; see the README's
 // "Scale-out" for the bounds they give.
 const (
-	reportEvery  = time.Second      // a report and a heartbeat per replica
-	idleAfter    = time.Second      // a lease unused this long is returned
+	reportEvery = time.Second // a report and a heartbeat per replica
+	// idleAfter is how long a lease of a contended account or key (see
+	// contendedFor) may sit unused before it is returned: a replica
+	// refused because another holds the rest of a balance gets it within
+	// about a second.
+	idleAfter = time.Second
+	// keepIdle is how long a lease of an uncontended account and key may
+	// sit unused before it is returned. Keeping it spares a Redis call
+	// per Check on keys used every few seconds; it still counts as leased
+	// in Redis, so balances and caps hold exactly, and it is spent only
+	// within leaseValidFor of Redis's last answer.
+	keepIdle = 30 * time.Second
+	// contendedFor is how long a contention mark lasts: a lease call that
+	// granted less than it wanted, or refused, marks what limited it (the
+	// account or the key) contended this long, and every replica's
+	// heartbeat learns the marks.
+	contendedFor = 2 * time.Second
 	liveWindow   = 5 * time.Second  // a replica heard from within this is live
 	deadAfter    = 30 * time.Second // a replica silent this long loses its leases
 	forgetAfter  = time.Minute      // an empty key state idle this long is dropped
@@ -68,6 +83,9 @@ const (
 	leaseFactor  = 64  // a lease covers this many prices, far from exhaustion
 	unsureRounds = 3   // reports that check a key after a lease reply was lost
 	maxBatch     = 256 // keys per report call, bounding how long Redis is busy
+)
+
+const (
 	// leaseValidFor is how long after Redis last heard from this replica it
 	// still spends the leases it holds. Well under deadAfter, so that
 	// another replica can never reclaim a lease this one still spends, even
@@ -132,6 +150,7 @@ type Ledger struct {
 	keys *shards[keyState]
 
 	kReplicas, kLease, kReports string // this replica's keys
+	kContended                  string // the contention marks
 	pAcct, pKey, pLease         string // prefixes for the heartbeat script
 
 	// lastSeen is when (local unix ns) the last call that Redis answered
@@ -142,6 +161,10 @@ type Ledger struct {
 	down        atomic.Bool   // the last call failed
 	outageEpoch atomic.Uint64 // counts outages that ended: resets allowances
 	closed      atomic.Bool
+	// contended holds the contention marks (acct:{a}, key:{k}) the last
+	// heartbeat found: their idle leases go back after idleAfter, the
+	// others' after keepIdle.
+	contended atomic.Pointer[map[string]struct{}]
 
 	// jmu orders journal Appends (read-locked by Spend, with the spend's
 	// effect on its key) before the report that moves and seals them
@@ -171,14 +194,20 @@ type keyState struct {
 	lastUse     int64  // unix ns of the last spend
 	epoch       uint64 // lease calls started: a report adopts only if none started since it was built
 	unsure      int    // reports still to check what Redis holds (a lease reply was lost)
-	removed     bool   // dropped from the map: look the key up again
+	// contendedUntil (unix ns) is set when this replica's own lease call
+	// was short or refused: the key's idle lease goes back after idleAfter
+	// until then, before the heartbeat learns the mark.
+	contendedUntil int64
+	removed        bool // dropped from the map: look the key up again
 	// The key's cap and cap period as last spent with: reports roll the
 	// key's spend into the current period and check alerts against them.
 	cap    money.Micros
 	period keystore.Period
 
-	// Immutable.
+	// Immutable. acctMark and keyMark are the members of the contended
+	// ZSET that name the key's account and the key.
 	id, account, acctKey, keyKey string
+	acctMark, keyMark            string
 }
 
 // NewLedger returns a Ledger using c. It does not wait for Redis. With a
@@ -208,13 +237,14 @@ func newLedger(c conn, o LedgerOptions) (*Ledger, error) {
 	}
 	l := &Ledger{
 		c: c, o: o, m: m, log: o.Log, now: o.Now,
-		keys:      newShards[keyState](),
-		kReplicas: c.Key("replicas"),
-		kLease:    c.Key("lease", o.ReplicaID),
-		kReports:  c.Key("reports", o.ReplicaID),
-		pAcct:     c.Key("acct", ""),
-		pKey:      c.Key("key", ""),
-		pLease:    c.Key("lease", ""),
+		keys:       newShards[keyState](),
+		kReplicas:  c.Key("replicas"),
+		kLease:     c.Key("lease", o.ReplicaID),
+		kReports:   c.Key("reports", o.ReplicaID),
+		kContended: c.Key("contended"),
+		pAcct:      c.Key("acct", ""),
+		pKey:       c.Key("key", ""),
+		pLease:     c.Key("lease", ""),
 	}
 	if l.log == nil {
 		l.log = zap.NewNop()
@@ -314,7 +344,8 @@ func (l *Ledger) state(k *keystore.Key) *keyState {
 }
 
 func (l *Ledger) newState(keyID, account string) *keyState {
-	return &keyState{id: keyID, account: account, acctKey: l.c.Key("acct", account), keyKey: l.c.Key("key", keyID)}
+	return &keyState{id: keyID, account: account, acctKey: l.c.Key("acct", account), keyKey: l.c.Key("key", keyID),
+		acctMark: "acct:" + account, keyMark: "key:" + keyID}
 }
 
 // periodIndex is the number of the cap period p that holds now, as the
@@ -351,6 +382,9 @@ func (l *Ledger) spendSlow(s *keyState, k *keystore.Key, price money.Micros, now
 		g, held, code, err := l.lease(s, k, price, price-have)
 		if err != nil {
 			return l.spendOutage(s, k, price, now)
+		}
+		if code != 0 || g < leaseWant(price) {
+			s.contendedUntil = now + int64(contendedFor)
 		}
 		switch code {
 		case refusedBalance:
@@ -395,13 +429,14 @@ func (l *Ledger) lease(s *keyState, k *keystore.Key, price, need money.Micros) (
 	s.epoch++
 	now := l.now()
 	sent := now.UnixNano()
-	keys := []string{s.acctKey, s.keyKey, l.kLease, l.kReplicas}
+	keys := []string{s.acctKey, s.keyKey, l.kLease, l.kReplicas, l.kContended}
 	var res []int64
 	err = l.c.Call(context.Background(), "lease", func(ctx context.Context, r *redis.Client) error {
 		var err error
 		res, err = leaseScript.Run(ctx, r, keys,
 			s.id, int64(need), int64(leaseWant(price)), int64(max(k.SpendCap, 0)), l.o.ReplicaID,
-			liveWindow.Milliseconds(), int64(price), periodIndex(s.period, now)).Int64Slice()
+			liveWindow.Milliseconds(), int64(price), periodIndex(s.period, now),
+			s.account, contendedFor.Milliseconds()).Int64Slice()
 		return err
 	})
 	if err == nil && len(res) != 3 {
@@ -527,29 +562,79 @@ func (l *Ledger) tick() {
 	}
 }
 
-// heartbeat marks this replica live, learns how many are, and reclaims
-// the leases of replicas silent for deadAfter.
+// heartbeat marks this replica live, learns how many are and which
+// accounts and keys are contended, and reclaims the leases of replicas
+// silent for deadAfter.
 func (l *Ledger) heartbeat() error {
 	sent := l.now().UnixNano()
-	var res []int64
+	var res []any
 	err := l.c.Call(context.Background(), "heartbeat", func(ctx context.Context, r *redis.Client) error {
 		var err error
-		res, err = heartbeatScript.Run(ctx, r, []string{l.kReplicas},
-			l.o.ReplicaID, l.pAcct, l.pKey, l.pLease, liveWindow.Milliseconds(), deadAfter.Milliseconds()).Int64Slice()
+		res, err = heartbeatScript.Run(ctx, r, []string{l.kReplicas, l.kContended},
+			l.o.ReplicaID, l.pAcct, l.pKey, l.pLease, liveWindow.Milliseconds(), deadAfter.Milliseconds()).Slice()
 		return err
 	})
-	if err == nil && len(res) != 2 {
-		err = fmt.Errorf("heartbeat script: %d values, want 2", len(res))
+	var live, reclaimed int64
+	var marks map[string]struct{}
+	if err == nil {
+		live, reclaimed, marks, err = parseHeartbeat(res)
 	}
 	if err != nil {
 		l.markDown(err)
 		return err
 	}
-	l.markUp(sent, res[0])
-	if res[1] > 0 {
-		l.log.Info("reclaimed the leases of replicas silent for 30s", zap.Int64("replicas", res[1]))
+	l.markUp(sent, live)
+	l.contended.Store(&marks)
+	if reclaimed > 0 {
+		l.log.Info("reclaimed the leases of replicas silent for 30s", zap.Int64("replicas", reclaimed))
 	}
 	return nil
+}
+
+// parseHeartbeat reads heartbeatScript's reply.
+func parseHeartbeat(res []any) (live, reclaimed int64, marks map[string]struct{}, err error) {
+	if len(res) < 2 {
+		return 0, 0, nil, fmt.Errorf("heartbeat script: %d values, want at least 2", len(res))
+	}
+	live, ok1 := res[0].(int64)
+	reclaimed, ok2 := res[1].(int64)
+	if !ok1 || !ok2 {
+		return 0, 0, nil, fmt.Errorf("heartbeat script: values %T %T, want integers", res[0], res[1])
+	}
+	marks, err = markSet(res[2:])
+	return live, reclaimed, marks, err
+}
+
+// markSet makes a set of the contention marks in res.
+func markSet(res []any) (map[string]struct{}, error) {
+	if len(res) == 0 {
+		return nil, nil
+	}
+	marks := make(map[string]struct{}, len(res))
+	for _, v := range res {
+		m, ok := v.(string)
+		if !ok {
+			return nil, fmt.Errorf("contention mark %T, want a string", v)
+		}
+		marks[m] = struct{}{}
+	}
+	return marks, nil
+}
+
+// isContended reports whether s's account or key was marked contended at
+// the last heartbeat, or by this replica's own lease call until recently.
+// The caller holds s.mu.
+func (l *Ledger) isContended(s *keyState, now int64) bool {
+	if now < s.contendedUntil {
+		return true
+	}
+	p := l.contended.Load()
+	if p == nil || len(*p) == 0 {
+		return false
+	}
+	_, a := (*p)[s.acctMark]
+	_, k := (*p)[s.keyMark]
+	return a || k
 }
 
 // Close stops spending (Spend returns ErrClosed), reports what was spent

@@ -261,8 +261,9 @@ func TestLostLeaseReplyAdopted(t *testing.T) {
 	}
 }
 
-// TestIdleLeaseReturned: a lease unused for a second goes back with the
-// next report, and the metric counts it.
+// TestIdleLeaseReturned: a lease of an uncontended key unused for a
+// second is kept; unused for keepIdle it goes back with the next report,
+// and the metric counts it.
 func TestIdleLeaseReturned(t *testing.T) {
 	srv := rconntest.Start(t)
 	c := dial(t, srv)
@@ -287,8 +288,15 @@ func TestIdleLeaseReturned(t *testing.T) {
 	if err := l.report(false); err != nil {
 		t.Fatal(err)
 	}
+	if _, leased := a.acct("a"); leased != 63*100 {
+		t.Fatalf("leased %d after an uncontended lease was idle for %s, want it kept: %d", leased, idleAfter, 63*100)
+	}
+	clk.Add(keepIdle - idleAfter)
+	if err := l.report(false); err != nil {
+		t.Fatal(err)
+	}
 	if _, leased := a.acct("a"); leased != 0 {
-		t.Errorf("leased %d after the lease was idle for %s, want 0", leased, idleAfter)
+		t.Errorf("leased %d after the lease was idle for %s, want 0", leased, keepIdle)
 	}
 	if lease, _, _ := l.local("k"); lease != 0 {
 		t.Errorf("local lease %d after it was returned", lease)

@@ -23,11 +23,19 @@ const (
 	// key's N (and at least one token), so that across R replicas at most
 	// N + (R−1)·lease requests pass in a window.
 	leasePercent = 5
-	// returnAfter is how long a token lease is kept before what is left of
-	// it goes back to Redis; with returnEvery it bounds how long a token can
-	// sit unused on one replica while another is refused: under a second.
+	// returnAfter is how long a token lease of a contended key (one whose
+	// bucket could not grant a full lease, to any replica, within
+	// contendedFor) is kept before what is left of it goes back to Redis;
+	// with returnEvery and pollEvery it bounds how long a token can sit
+	// unused on one replica while another is refused: about a second.
 	returnAfter = 750 * time.Millisecond
 	returnEvery = 250 * time.Millisecond
+	// pollEvery is how often a replica holding tokens asks Redis which
+	// keys are contended (one call, which returns tokens too).
+	pollEvery = time.Second
+	// A token lease of an uncontended key is kept until the key has been
+	// unused for keepIdle (the Ledger's), so that a key used every few
+	// seconds does not cost a Redis call per Check.
 	// maxRefusalWait bounds how long a refusal is remembered locally, so a
 	// refused key does not cost Redis a call per Check, yet sees tokens that
 	// other replicas return.
@@ -68,7 +76,12 @@ type Limiter struct {
 	buckets   *shards[bucket]
 	local     *ratelimit.Limiter // the outage fallback
 	kReplicas string
+	kContend  string
 	live      atomic.Int64 // live replicas at the last answer, at least 1
+	// contended holds the rl:{key} contention marks the last return call
+	// found, and lastPoll (unix ns, Run's clock) when it was made.
+	contended atomic.Pointer[map[string]struct{}]
+	lastPoll  atomic.Int64
 }
 
 // bucket is one key's token lease.
@@ -86,9 +99,12 @@ type bucket struct {
 	// key does not cost a call per Check; retryAt is when Redis said one
 	// token would be free.
 	refusedUntil, retryAt int64
-	removed               bool
+	// contendedUntil (unix ns) is set when a lease here was short: the key
+	// is contended, so its tokens go back after returnAfter until then.
+	contendedUntil int64
+	removed        bool
 
-	key, rlKey string // immutable
+	key, rlKey, mark string // immutable; mark is the key's contention mark
 }
 
 // NewLimiter returns a Limiter using c. It does not wait for Redis.
@@ -102,6 +118,7 @@ func newLimiter(c conn, o LimiterOptions) *Limiter {
 		buckets:   newShards[bucket](),
 		local:     ratelimit.NewLimiter(),
 		kReplicas: c.Key("replicas"),
+		kContend:  c.Key("contended"),
 	}
 	if l.log == nil {
 		l.log = zap.NewNop()
@@ -161,13 +178,17 @@ func (l *Limiter) Allow(key string, r ratelimit.Rate, now time.Time) ratelimit.D
 	if ns < b.refusedUntil {
 		return b.refused(ns)
 	}
-	g, ahead, err := l.lease(b, ns, n, leaseSize(n))
+	want := leaseSize(n)
+	g, ahead, err := l.lease(b, ns, n, want)
 	if err != nil {
 		// Redis down: this replica's share, from the local buckets.
 		share := ratelimit.Rate{N: max(n/l.liveReplicas(), 1), Per: r.Per}
 		d := l.local.Allow(key, share, now)
 		d.Limit = r.N
 		return d
+	}
+	if g < want {
+		b.contendedUntil = ns + int64(contendedFor)
 	}
 	if g == 0 {
 		b.tat = ns + ahead
@@ -195,7 +216,7 @@ func (l *Limiter) bucket(key string) *bucket {
 	if b := l.buckets.get(key); b != nil {
 		return b
 	}
-	return l.buckets.add(key, &bucket{key: key, rlKey: l.c.Key("rl", key)})
+	return l.buckets.add(key, &bucket{key: key, rlKey: l.c.Key("rl", key), mark: "rl:" + key})
 }
 
 // allowed is the Decision for an allowed request: Remaining counts the
@@ -221,11 +242,12 @@ func (b *bucket) refused(ns int64) ratelimit.Decision {
 // none was granted, as it stands). The caller holds b.mu.
 func (l *Limiter) lease(b *bucket, ns, n, want int64) (g, ahead int64, err error) {
 	var res []int64
-	keys := []string{b.rlKey, l.kReplicas}
+	keys := []string{b.rlKey, l.kReplicas, l.kContend}
 	err = l.c.Call(context.Background(), "rate_lease", func(ctx context.Context, r *redis.Client) error {
 		var err error
 		res, err = rateScript.Run(ctx, r, keys,
-			strconv.FormatInt(ns, 10), b.t, n, want, l.o.ReplicaID, liveWindow.Milliseconds()).Int64Slice()
+			strconv.FormatInt(ns, 10), b.t, n, want, l.o.ReplicaID, liveWindow.Milliseconds(),
+			b.key, contendedFor.Milliseconds()).Int64Slice()
 		return err
 	})
 	if err == nil && len(res) != 3 {
@@ -244,8 +266,9 @@ func (l *Limiter) lease(b *bucket, ns, n, want int64) (g, ahead int64, err error
 	return res[0], res[1], nil
 }
 
-// Run returns what is left of token leases older than returnAfter, every
-// returnEvery, until ctx is done; then it returns nil.
+// Run returns the unused tokens of contended keys' leases older than
+// returnAfter, and of keys unused for keepIdle, every returnEvery, until
+// ctx is done; then it returns nil.
 func (l *Limiter) Run(ctx context.Context) error {
 	t := time.NewTicker(returnEvery)
 	defer t.Stop()
@@ -261,19 +284,56 @@ func (l *Limiter) Run(ctx context.Context) error {
 	}
 }
 
-// returnUnused gives back, in one call, the tokens of leases taken at
-// least returnAfter before now, and forgets keys idle for a minute. Tokens
-// whose return fails stay spent in Redis: the safe side.
+// returnUnused gives back the tokens of contended keys' leases taken at
+// least returnAfter before now and of keys unused for keepIdle, and
+// forgets keys idle for a minute. While it holds tokens it asks Redis,
+// every pollEvery, which keys are contended (the same call), and gives
+// back at once what that makes returnable. Tokens whose return fails stay
+// spent in Redis: the safe side.
 func (l *Limiter) returnUnused(now time.Time) error {
 	ns := now.UnixNano()
-	var keys []string
-	args := []any{strconv.FormatInt(ns, 10)}
+	keys, args, held := l.returnable(ns, l.contended.Load())
+	l.local.Sweep(now)
+	if len(keys) == 1 && (!held || ns-l.lastPoll.Load() < int64(pollEvery)) {
+		return nil
+	}
+	marks, err := l.giveBack(keys, args)
+	if err != nil {
+		return err
+	}
+	l.lastPoll.Store(ns)
+	l.contended.Store(&marks)
+	if len(marks) == 0 {
+		return nil
+	}
+	if keys, args, _ = l.returnable(ns, &marks); len(keys) == 1 {
+		return nil
+	}
+	_, err = l.giveBack(keys, args)
+	return err
+}
+
+// returnable takes the tokens to give back at ns out of the buckets and
+// returns rateReturnScript's keys (the contended ZSET first) and
+// arguments for them, and whether any bucket still holds tokens. It drops
+// buckets idle for forgetBucketAfter.
+func (l *Limiter) returnable(ns int64, marks *map[string]struct{}) (keys []string, args []any, held bool) {
+	keys = []string{l.kContend}
+	args = []any{strconv.FormatInt(ns, 10)}
 	for _, b := range l.buckets.all() {
 		b.mu.Lock()
-		if b.tokens > 0 && ns-b.leasedAt >= int64(returnAfter) {
-			keys = append(keys, b.rlKey)
-			args = append(args, b.tokens*b.t)
-			b.tokens = 0
+		if b.tokens > 0 {
+			contended := ns < b.contendedUntil
+			if !contended && marks != nil {
+				_, contended = (*marks)[b.mark]
+			}
+			if ns-b.lastUse >= int64(keepIdle) || contended && ns-b.leasedAt >= int64(returnAfter) {
+				keys = append(keys, b.rlKey)
+				args = append(args, b.tokens*b.t)
+				b.tokens = 0
+			} else {
+				held = true
+			}
 		}
 		idle := b.tokens == 0 && ns-b.lastUse >= int64(forgetBucketAfter)
 		b.mu.Unlock()
@@ -289,11 +349,19 @@ func (l *Limiter) returnUnused(now time.Time) error {
 			})
 		}
 	}
-	l.local.Sweep(now)
-	if len(keys) == 0 {
-		return nil
-	}
-	return l.c.Call(context.Background(), "rate_return", func(ctx context.Context, r *redis.Client) error {
-		return rateReturnScript.Run(ctx, r, keys, args...).Err()
+	return keys, args, held
+}
+
+// giveBack runs rateReturnScript and returns the contention marks.
+func (l *Limiter) giveBack(keys []string, args []any) (map[string]struct{}, error) {
+	var res []any
+	err := l.c.Call(context.Background(), "rate_return", func(ctx context.Context, r *redis.Client) error {
+		var err error
+		res, err = rateReturnScript.Run(ctx, r, keys, args...).Slice()
+		return err
 	})
+	if err != nil {
+		return nil, err
+	}
+	return markSet(res)
 }

@@ -78,7 +78,8 @@ func (l *Ledger) drain(alerts *[]keystore.Alert) error {
 }
 
 // build moves what every key spent since the last report, and its lease
-// when idle (or final), into batches on the queue. Keys with outage spends
+// when idle (or final), into batches on the queue: idle means unused for
+// idleAfter when the key or its account is contended, else for keepIdle. Keys with outage spends
 // go into the first batch, so that the journal can seal them under one
 // seq. The caller holds rmu.
 func (l *Ledger) build(at time.Time, final bool) {
@@ -95,7 +96,8 @@ func (l *Ledger) build(at time.Time, final bool) {
 		e := entry{st: s, keyID: s.id, account: s.account, acctKey: s.acctKey, keyKey: s.keyKey,
 			charge: s.used + s.extra, release: s.used, epoch: s.epoch,
 			period: periodIndex(s.period, at), cap: s.cap}
-		if s.lease > 0 && (final || now-s.lastUse >= int64(idleAfter)) {
+		idle := now - s.lastUse
+		if s.lease > 0 && (final || idle >= int64(keepIdle) || idle >= int64(idleAfter) && l.isContended(s, now)) {
 			e.release += s.lease
 			returned += s.lease
 			s.lease = 0

@@ -36,8 +36,9 @@ end
 
 // leaseScript grants a money lease to one replica for one key.
 //
-//	KEYS: acct:{a}, key:{k}, lease:{replica}, replicas
-//	ARGV: keyID, need, want, cap, replica, live window (ms), price, period
+//	KEYS: acct:{a}, key:{k}, lease:{replica}, replicas, contended
+//	ARGV: keyID, need, want, cap, replica, live window (ms), price, period,
+//	      account, contention window (ms)
 //
 // It heartbeats the replica, counts live replicas L, and grants
 // g = min(want, avail/(2L)) rounded down to whole prices, at least need
@@ -51,6 +52,12 @@ end
 // need, {-2, L, 0} when the key's cap cannot: then nothing changes but the
 // heartbeat and the period roll.
 //
+// When it grants less than want, or refuses, it marks what limited it
+// contended (acct:{a} or key:{k} in the contended ZSET, scored by when the
+// mark expires): every replica's next heartbeat learns it and returns its
+// idle leases of that account or key within a second, rather than keeping
+// them as it does while nothing is contended.
+//
 // period is the key's current cap period number (0: the key has none).
 // When it is past the key's period field, the key's spent belongs to an
 // earlier period: it starts over at 0 in this one before the cap is
@@ -61,20 +68,31 @@ redis.call('ZADD', KEYS[4], ms, ARGV[5])
 local live = redis.call('ZCOUNT', KEYS[4], ms - tonumber(ARGV[6]), '+inf')
 if live < 1 then live = 1 end
 local need, want, cap, price = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+local function flag(m) redis.call('ZADD', KEYS[5], ms + tonumber(ARGV[10]), m) end
 roll(KEYS[2], tonumber(ARGV[8]))
 local a = redis.call('HMGET', KEYS[1], 'bal', 'leased', 'reserved')
 local avail = (tonumber(a[1]) or 0) - (tonumber(a[2]) or 0) - (tonumber(a[3]) or 0)
-if avail < need then return {-1, live, 0} end
+if avail < need then
+  flag('acct:' .. ARGV[9])
+  return {-1, live, 0}
+end
+local bykey = false
 if cap > 0 then
   local k = redis.call('HMGET', KEYS[2], 'spent', 'leased', 'reserved')
   local c = cap - (tonumber(k[1]) or 0) - (tonumber(k[2]) or 0) - (tonumber(k[3]) or 0)
-  if c < need then return {-2, live, 0} end
-  if c < avail then avail = c end
+  if c < need then
+    flag('key:' .. ARGV[1])
+    return {-2, live, 0}
+  end
+  if c < avail then avail, bykey = c, true end
 end
 local g = math.floor(avail / (2 * live))
 if g > want then g = want end
 g = g - g % price
 if g < need then g = need end
+if g < want then
+  if bykey then flag('key:' .. ARGV[1]) else flag('acct:' .. ARGV[9]) end
+end
 redis.call('HINCRBY', KEYS[1], 'leased', int(g))
 redis.call('HINCRBY', KEYS[2], 'leased', int(g))
 local held = redis.call('HINCRBY', KEYS[3], ARGV[1], int(g))
@@ -176,11 +194,13 @@ return out
 // sequence stays, so that a late journal replay under its name is still
 // applied once. At most 16 dead replicas per call; the rest wait a second.
 //
-//	KEYS: replicas
+//	KEYS: replicas, contended
 //	ARGV: replica, acct: prefix, key: prefix, lease: prefix, live window (ms), dead window (ms)
 //
-// It returns {live replicas, replicas reclaimed}.
-var heartbeatScript = redis.NewScript(luaCommon + `
+// It returns {live replicas, replicas reclaimed, then the members of the
+// contended ZSET whose mark has not expired (at most maxContended)}, and
+// drops the expired marks.
+var heartbeatScript = redis.NewScript(luaCommon + luaContended + `
 local ms = now_ms()
 redis.call('ZADD', KEYS[1], ms, ARGV[1])
 local live = redis.call('ZCOUNT', KEYS[1], ms - tonumber(ARGV[5]), '+inf')
@@ -198,8 +218,24 @@ for _, d in ipairs(dead) do
   redis.call('DEL', lk)
   redis.call('ZREM', KEYS[1], d)
 end
-return {live, #dead}
+local out = {live, #dead}
+for _, m in ipairs(contended(KEYS[2], ms)) do out[#out + 1] = m end
+return out
 `)
+
+// luaContended is contended(), which drops the expired contention marks of
+// the ZSET k and returns the others (at most maxContended): each is
+// acct:{a}, key:{k} or rl:{key}.
+const luaContended = `
+local function contended(k, ms)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ms)
+  return redis.call('ZRANGEBYSCORE', k, ms, '+inf', 'LIMIT', 0, 1000)
+end
+`
+
+// maxContended bounds the contention marks a call returns (luaContended's
+// LIMIT): beyond it, some leases are kept as if uncontended.
+const maxContended = 1000
 
 // luaTime is the prelude of the rate scripts: unix nanoseconds as
 // (seconds, nanoseconds) pairs, so that differences are exact in doubles.
@@ -223,8 +259,9 @@ end
 
 // rateScript leases up to want tokens from a key's global GCRA bucket.
 //
-//	KEYS: rl:{key}, replicas
-//	ARGV: now (unix ns), T (ns per token), N, want, replica ("" : no heartbeat), live window (ms)
+//	KEYS: rl:{key}, replicas, contended
+//	ARGV: now (unix ns), T (ns per token), N, want, replica ("" : no heartbeat), live window (ms),
+//	      key, contention window (ms)
 //
 // The bucket is the theoretical arrival time tat (unix ns; missing means
 // full); a request at now is allowed while tat − now <= (N−1)T, as in
@@ -232,6 +269,9 @@ end
 // max(tat, now) − now + gT <= NT. It returns {g, ahead, live}: with g >= 1,
 // ahead is tat − now after the grant; with g = 0, ahead is tat − now and
 // nothing changed. The key expires when the bucket would be full again.
+// When it grants less than want, it marks rl:{key} contended (as
+// leaseScript does), so that the other replicas return their unused
+// tokens of the key within a second.
 var rateScript = redis.NewScript(luaTime + `
 local ns, nn = split(ARGV[1])
 local T, N, want = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -247,6 +287,7 @@ if cur then
 end
 local ahead = diff(ts, tn, ns, nn)
 local free = math.floor((N * T - ahead) / T)
+if free < want then redis.call('ZADD', KEYS[3], ms + tonumber(ARGV[8]), 'rl:' .. ARGV[7]) end
 if free < 1 then return {0, ahead, live} end
 local g = math.min(free, want)
 ts, tn = add(ts, tn, g * T)
@@ -257,21 +298,23 @@ return {g, ahead, live}
 
 // rateReturnScript gives unused tokens back: each key's tat moves back by
 // the tokens' worth of time, but never before now (a bucket is never more
-// than full).
+// than full). It returns the contention marks not yet expired, as
+// heartbeatScript does.
 //
-//	KEYS: rl:{key}...
+//	KEYS: contended, then rl:{key}...
 //	ARGV: now (unix ns), then per key the time to give back (ns)
-var rateReturnScript = redis.NewScript(luaTime + `
+var rateReturnScript = redis.NewScript(luaTime + luaContended + `
 local ns, nn = split(ARGV[1])
-for i = 1, #KEYS do
+for i = 2, #KEYS do
   local cur = redis.call('GET', KEYS[i])
   if cur then
     local cs, cn = split(cur)
-    local ahead = diff(cs, cn, ns, nn) - tonumber(ARGV[i + 1])
+    local ahead = diff(cs, cn, ns, nn) - tonumber(ARGV[i])
     if ahead < 0 then ahead = 0 end
     local s, n = add(ns, nn, ahead)
     redis.call('SET', KEYS[i], fmt(s, n), 'KEEPTTL')
   end
 end
-return #KEYS
+local t = redis.call('TIME')
+return contended(KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 `)
