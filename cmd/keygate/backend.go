@@ -133,7 +133,7 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 			// The breaker's prober stopped with the loops; it runs again
 			// while the last report waits, so that a breaker left open by a
 			// passing slowness closes as soon as Redis answers.
-			go conn.Run(ctx) //nolint:errcheck // returns nil when ctx ends
+			go conn.Run(ctx)         //nolint:errcheck // returns nil when ctx ends
 			err := ledger.Close(ctx) // the last spend report, and every lease back
 			return errors.Join(err, conn.Close(), local.Close())
 		},
