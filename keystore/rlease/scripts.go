@@ -198,7 +198,7 @@ return out
 //	ARGV: replica, acct: prefix, key: prefix, lease: prefix, live window (ms), dead window (ms)
 //
 // It returns {live replicas, replicas reclaimed, then the members of the
-// contended ZSET whose mark has not expired (at most maxContended)}, and
+// contended ZSET whose mark has not expired (at most 1,000)}, and
 // drops the expired marks.
 var heartbeatScript = redis.NewScript(luaCommon + luaContended + `
 local ms = now_ms()
@@ -224,18 +224,15 @@ return out
 `)
 
 // luaContended is contended(), which drops the expired contention marks of
-// the ZSET k and returns the others (at most maxContended): each is
-// acct:{a}, key:{k} or rl:{key}.
+// the ZSET k and returns the others: each is acct:{a}, key:{k} or rl:{key}.
+// At most 1,000 are returned; beyond that, some leases are kept as if
+// uncontended.
 const luaContended = `
 local function contended(k, ms)
   redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ms)
   return redis.call('ZRANGEBYSCORE', k, ms, '+inf', 'LIMIT', 0, 1000)
 end
 `
-
-// maxContended bounds the contention marks a call returns (luaContended's
-// LIMIT): beyond it, some leases are kept as if uncontended.
-const maxContended = 1000
 
 // luaTime is the prelude of the rate scripts: unix nanoseconds as
 // (seconds, nanoseconds) pairs, so that differences are exact in doubles.
