@@ -372,16 +372,16 @@ func ratioOf(a, b float64) float64 {
 func (b *bench) checkRedis(pr *phaseRun) {
 	res := pr.Result
 	name := fmt.Sprintf("%s %s c=%d round %d", pr.Server, pr.Mode, pr.Conc, pr.Round)
-	cmds, checks := redisPerCheck(res.Counters)
-	switch {
-	case checks == 0:
+	// No Redis command in a window is no problem: replicas keep their
+	// leases while nothing is contended, and a short window may fall
+	// between two reports.
+	if _, checks := redisPerCheck(res.Counters); checks == 0 {
 		b.problem("%s: the replicas counted no Check in the window (keygate_checks_total)", name)
 		return
-	case cmds == 0:
-		b.problem("%s: no Redis command in the window (keygate_redis_commands_total): is it store: redis?", name)
 	}
 	// The probe reads the counters a few ms apart from the generator's
 	// clock: the two counts agree to a few percent, or one is wrong.
+	_, checks := redisPerCheck(res.Counters)
 	if n := float64(res.Requests); n > 0 && (checks < 0.95*n || checks > 1.05*n) {
 		b.warn("%s: the replicas counted %.0f Checks, the generator %d", name, checks, res.Requests)
 	}
