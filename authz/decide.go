@@ -91,6 +91,8 @@ func spendDenial(err error) *Denial {
 		return denySpendCap
 	case errors.Is(err, keystore.ErrDuplicateRequest):
 		return denyDuplicate
+	case errors.Is(err, keystore.ErrInvalid):
+		return denyRequestID // the only argument a client controls: its request id
 	}
 	// The ledger could not say (a shared store that is unreachable, or
 	// has lost its data): refused, never allowed unpaid, and not blamed on

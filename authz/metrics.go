@@ -20,7 +20,7 @@ var reasons = []struct {
 }{
 	{"no_key", 401}, {"invalid_key", 401}, {"bad_path", 400}, {"no_route", 403},
 	{"scope", 403}, {"rate_limit", 429}, {"balance", 429}, {"spend_cap", 429},
-	{"malformed", 400}, {"internal", 503}, {"duplicate_request", 400}, {"billing_unavailable", 503},
+	{"malformed", 400}, {"internal", 503}, {"duplicate_request", 400}, {"billing_unavailable", 503}, {"bad_request_id", 400},
 }
 
 type metrics struct {

@@ -3,6 +3,7 @@ package authz_test
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -195,5 +196,20 @@ func TestBillingUnavailable(t *testing.T) {
 	// A free route needs no ledger.
 	if o := f.check(t, req("GET", "/v1/chat/completions/x", withID(secret, "u-2"))); o.status != 200 {
 		t.Fatalf("free route: %+v", o)
+	}
+}
+
+// A request id the store cannot hold (client-chosen, too long) is the
+// client's mistake: 400, not a 503 blamed on billing.
+func TestOnResponseRequestIDTooLong(t *testing.T) {
+	f := newFixture(t, onResponse(nil))
+	f.account(t, "acme", "tier1", 10_000)
+	_, secret := f.key(t, keystore.NewKey{Account: "acme", Scopes: []string{"chat:write"}})
+	o := f.check(t, req("POST", "/v1/chat/completions", withID(secret, strings.Repeat("x", 129))))
+	if o.status != 400 || o.typ != "invalid_request_error" {
+		t.Fatalf("got %+v, want 400 invalid_request_error", o)
+	}
+	if a, _ := f.store.Account("acme"); a.Balance != 10_000 || a.Reserved != 0 {
+		t.Fatalf("account %+v changed", a)
 	}
 }

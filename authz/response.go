@@ -72,6 +72,8 @@ var (
 		Message: "This API key has reached its spending cap"})
 	denyDuplicate = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "duplicate_request",
 		Message: "Another request with this request id is still in flight; give each request its own x-request-id"})
+	denyRequestID = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "bad_request_id",
+		Message: "The request id cannot be used to settle this request: it is longer than 128 bytes"})
 	denyMalformed = fixed(&Denial{Status: 400, Type: typeInvalidRequest, Reason: "malformed",
 		Message: "The authorization request could not be decoded"})
 	// denyBilling answers a Check whose spend the ledger could not decide.
