@@ -644,10 +644,7 @@ func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	expired, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "keygate_reservations_expired_total",
-		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
-	}))
+	expired, err := ExpiredReservations(reg)
 	if err != nil {
 		return nil, err
 	}
@@ -659,6 +656,17 @@ func newLedgerMetrics(reg prometheus.Registerer) (*ledgerMetrics, error) {
 		expired:  expired,
 		reg:      reg,
 	}, nil
+}
+
+// ExpiredReservations returns keygate_reservations_expired_total,
+// registered with reg (shared with any store already registered there):
+// the bbolt store and the Redis-mode store count expiries in the one
+// counter.
+func ExpiredReservations(reg prometheus.Registerer) (prometheus.Counter, error) {
+	return metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keygate_reservations_expired_total",
+		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
+	}))
 }
 
 // openReservations exports s's count of open reservations. A second store

@@ -317,10 +317,16 @@ func (r result) String() string {
 // runKeygate runs the keygate CLI with env and args and returns what it printed.
 func runKeygate(t testing.TB, env []string, args ...string) result {
 	t.Helper()
+	return runKeygateIn(t, "", env, args...)
+}
+
+// runKeygateIn is runKeygate in the working directory dir ("": this one).
+func runKeygateIn(t testing.TB, dir string, env []string, args ...string) result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, keygateBinary(t), args...)
-	cmd.Env = env
+	cmd.Env, cmd.Dir = env, dir
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

@@ -13,10 +13,8 @@ package main_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -1033,31 +1031,6 @@ func runSteps(t *testing.T, run func(via int, args ...string) result) []string {
 		out = append(out, fmt.Sprintf("%v:\n%s", st.args, b))
 	}
 	return out
-}
-
-// runKeygateIn is runKeygate with the working directory dir.
-func runKeygateIn(t testing.TB, dir string, env []string, args ...string) result {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, keygateBinary(t), args...)
-	cmd.Env, cmd.Dir = env, dir
-	var stdout, stderr syncBuffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	r := result{stdout: stdout.String(), stderr: stderr.String()}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-	default:
-		t.Fatalf("keygate %v: %v", args, err)
-	}
-	if ctx.Err() != nil {
-		t.Fatalf("keygate %v did not finish within %s\n%s", args, cliTimeout, r)
-	}
-	return r
 }
 
 // TestE2ERedisAdmin: every admin command answers the same through either

@@ -3,6 +3,7 @@ package redisstore
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/metric"
 )
 
@@ -49,12 +50,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, err
 	}
 	// The local store of serve registers the same counter (in Redis mode
-	// it expires nothing): metric.Register shares it, which needs the same
-	// help text.
-	expired, err := metric.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "keygate_reservations_expired_total",
-		Help: "Reservations whose access-log entry never came, committed at their reserved price after settle_timeout.",
-	}))
+	// it expires nothing): one definition, shared.
+	expired, err := keystore.ExpiredReservations(reg)
 	if err != nil {
 		return nil, err
 	}
