@@ -61,7 +61,7 @@ func TestUncontendedKeysKeepLeases(t *testing.T) {
 		}
 		before = c.Commands()
 		led.tick()
-		if err := lim.returnUnused(now); err != nil {
+		if err := lim.report(now, false); err != nil {
 			t.Fatal(err)
 		}
 		background += c.Commands() - before
@@ -179,7 +179,7 @@ func TestRateContendedTokensReturned(t *testing.T) {
 	}
 	now := clk.Add(2 * time.Second)
 	for _, l := range ls[1:] {
-		if err := l.returnUnused(now); err != nil { // uncontended: kept
+		if err := l.report(now, false); err != nil { // uncontended: kept
 			t.Fatal(err)
 		}
 	}
@@ -189,7 +189,7 @@ func TestRateContendedTokensReturned(t *testing.T) {
 	}
 	now = clk.Add(pollEvery)
 	for _, l := range ls {
-		if err := l.returnUnused(now); err != nil {
+		if err := l.report(now, false); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -1,11 +1,14 @@
 package rlease
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/keystore/rconn/rconntest"
@@ -81,7 +84,7 @@ func TestLimiterWindow(t *testing.T) {
 		}
 		if step%10 == 9 {
 			for _, l := range ls {
-				if err := l.returnUnused(now); err != nil {
+				if err := l.report(now, false); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -114,7 +117,7 @@ func TestLimiterReturnsUnused(t *testing.T) {
 		t.Fatalf("allowed %d before the return: the quiet replica's tokens were not held", got)
 	}
 	now = clk.Add(time.Second)
-	if err := ls[0].returnUnused(now); err != nil {
+	if err := ls[0].report(now, false); err != nil {
 		t.Fatal(err)
 	}
 	got += hammer(ls[1:], "k", r, now, 100)
@@ -188,5 +191,149 @@ func TestLimiterOutageShareFromLive(t *testing.T) {
 	}
 	if got != 45 {
 		t.Errorf("allowed %d during the outage, want 90/2 = 45", got)
+	}
+}
+
+// TestLimiterQuietBurst: three replicas lease a key's tokens, go quiet
+// while the bucket refills (reporting every second, uncontended: they keep
+// their tokens), then burst together. Held tokens never refill, so the
+// burst gets exactly N, as one exact bucket would: not N plus what the
+// replicas held.
+func TestLimiterQuietBurst(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 3, clk)
+	r := ratelimit.Rate{N: 100, Per: 10 * time.Second}
+	got := 0
+	for _, l := range ls {
+		if l.Allow("k", r, clk.Now()).OK {
+			got++
+		}
+	}
+	for range 15 { // a quiet spell longer than the bucket's period
+		now := clk.Add(time.Second)
+		for _, l := range ls {
+			if err := l.report(now, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, l := range ls {
+		if tok := l.bucket("k").tokens; tok != leaseSize(r.N)-1 {
+			t.Fatalf("a replica holds %d tokens after the quiet spell, want its lease kept: %d", tok, leaseSize(r.N)-1)
+		}
+	}
+	got = hammer(ls, "k", r, clk.Now(), 100)
+	if got != int(r.N) {
+		t.Errorf("allowed %d in a burst after a quiet spell, with every replica holding tokens: want exactly N = %d", got, r.N)
+	}
+}
+
+// TestLimiterLostReplies: a lease whose reply is lost is adopted by the
+// next report, and a report whose reply is lost is resent and applied
+// once: the bucket in Redis counts each spent token once.
+func TestLimiterLostReplies(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	fc := newFaultConn(dial(t, srv))
+	l := newLimiter(fc, LimiterOptions{ReplicaID: "r0", Now: clk.Now})
+	admin := newAdmin(t, dial(t, srv))
+	r := ratelimit.Rate{N: 100, Per: time.Hour}
+	now := clk.Now()
+
+	fc.loseNext("rate_lease", 1)
+	if !l.Allow("k", r, now).OK { // Redis granted 5; this replica fell back to its local share
+		t.Fatal("the first Allow, with its lease reply lost, was refused")
+	}
+	if err := l.report(now, false); err != nil {
+		t.Fatal(err)
+	}
+	if tok := l.bucket("k").tokens; tok != leaseSize(r.N) {
+		t.Fatalf("after the report the replica holds %d tokens, want the lost lease adopted: %d", tok, leaseSize(r.N))
+	}
+	for range 3 {
+		if !l.Allow("k", r, now).OK {
+			t.Fatal("an Allow from adopted tokens was refused")
+		}
+	}
+	fc.loseNext("rate_report", 1)
+	now = clk.Add(time.Second)
+	if err := l.report(now, false); err == nil {
+		t.Fatal("a report with its reply lost succeeded")
+	}
+	if err := l.report(now, false); err != nil {
+		t.Fatal(err)
+	}
+	_, t0 := params(r)
+	tat, err := admin.r.Get(context.Background(), admin.c.Key("rl", "k")).Int64()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ahead := tat - now.UnixNano(); ahead != 3*t0 {
+		t.Errorf("the bucket is %v ahead after 3 tokens spent, want %v: a resent report was applied twice, or not at all",
+			time.Duration(ahead), time.Duration(3*t0))
+	}
+	held, err := admin.r.HGet(context.Background(), admin.c.Key("rlh", "k"), "r0").Int64()
+	if err != nil || held != leaseSize(r.N)-3 {
+		t.Errorf("Redis holds %d (%v) for the replica, want %d", held, err, leaseSize(r.N)-3)
+	}
+}
+
+// TestLimiterCloseReturnsTokens: Close reports what was spent and gives
+// back every token held, so another replica gets the rest of the limit at
+// once.
+func TestLimiterCloseReturnsTokens(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 2, clk)
+	r := ratelimit.Rate{N: 100, Per: time.Hour}
+	now := clk.Now()
+	if !ls[0].Allow("k", r, now).OK {
+		t.Fatal("refused far from the limit")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := ls[0].Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := hammer(ls[1:], "k", r, now, 200); got != int(r.N)-1 {
+		t.Errorf("the other replica got %d after Close, want N − 1 = %d", got, r.N-1)
+	}
+}
+
+// TestLimiterDeadReplicaReclaimed: the tokens of a replica Redis has not
+// heard from within the dead window stop being held and count as spent
+// (it may have spent them unreported), so they refill; the replica drops
+// what it no longer holds at its next report.
+func TestLimiterDeadReplicaReclaimed(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	ls := limiters(t, srv, 2, clk)
+	admin := newAdmin(t, dial(t, srv))
+	r := ratelimit.Rate{N: 100, Per: 100 * time.Second} // a token a second
+	now := clk.Now()
+	ls[0].Allow("k", r, now)
+	got := hammer(ls[1:], "k", r, now, 200)
+	if want := int(r.N) - int(leaseSize(r.N)); got != want {
+		t.Fatalf("the live replica got %d while the other held its lease, want %d", got, want)
+	}
+	if err := ls[1].report(now, false); err != nil { // its spends into the bucket, to refill
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	old := float64(time.Now().Add(-2 * deadAfter).UnixMilli())
+	if err := admin.r.ZAdd(ctx, admin.c.Key("replicas"), redis.Z{Score: old, Member: "r0"}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	now = clk.Add(10 * time.Second) // ten tokens refilled
+	got = hammer(ls[1:], "k", r, now, 200)
+	if got != 10 {
+		t.Errorf("the live replica got %d more 10s after the other was counted dead, want the 10 refilled", got)
+	}
+	if err := ls[0].report(now, false); err != nil {
+		t.Fatal(err)
+	}
+	if tok := ls[0].bucket("k").tokens; tok != 0 {
+		t.Errorf("the reclaimed replica still holds %d tokens after its report", tok)
 	}
 }

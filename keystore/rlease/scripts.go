@@ -256,62 +256,119 @@ end
 
 // rateScript leases up to want tokens from a key's global GCRA bucket.
 //
-//	KEYS: rl:{key}, replicas, contended
-//	ARGV: now (unix ns), T (ns per token), N, want, replica ("" : no heartbeat), live window (ms),
-//	      key, contention window (ms)
+//	KEYS: rl:{key}, replicas, contended, rlh:{key}
+//	ARGV: now (unix ns), T (ns per token), N, want, replica, live window (ms),
+//	      key, contention window (ms), dead window (ms)
 //
 // The bucket is the theoretical arrival time tat (unix ns; missing means
-// full); a request at now is allowed while tat − now <= (N−1)T, as in
-// ratelimit.Limiter, so g tokens may be taken while
-// max(tat, now) − now + gT <= NT. It returns {g, ahead, live}: with g >= 1,
-// ahead is tat − now after the grant; with g = 0, ahead is tat − now and
-// nothing changed. The key expires when the bucket would be full again.
-// When it grants less than want, it marks rl:{key} contended (as
-// leaseScript does), so that the other replicas return their unused
+// full) of the tokens reported spent, and rlh:{key}, the tokens each
+// replica holds, leased and not yet reported. A request at now is allowed
+// while tat − now <= (N−1)T, as in ratelimit.Limiter, counting held tokens
+// as spent, so g tokens may be leased while
+// max(tat, now) − now + (held + g)T <= NT. The tokens of a replica not
+// heard from within the dead window are counted spent, into tat: it may
+// have spent them without reporting (and it stops spending them well
+// before: leaseValidFor).
+//
+// It returns {g, ahead, live}: ahead is tat − now with every held token
+// counted as spent, after the grant. With g = 0 nothing changed but the
+// heartbeat. When it grants less than want, it marks rl:{key} contended
+// (as leaseScript does), so that the other replicas return their unused
 // tokens of the key within a second.
 var rateScript = redis.NewScript(luaTime + `
 local ns, nn = split(ARGV[1])
 local T, N, want = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local me = ARGV[5]
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ms, ARGV[5]) end
+redis.call('ZADD', KEYS[2], ms, me)
 local live = redis.call('ZCOUNT', KEYS[2], ms - tonumber(ARGV[6]), '+inf')
-local ts, tn = ns, nn
+local ahead = 0
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local cs, cn = split(cur)
-  if diff(cs, cn, ns, nn) > 0 then ts, tn = cs, cn end
+  ahead = diff(cs, cn, ns, nn)
+  if ahead < 0 then ahead = 0 end
 end
-local ahead = diff(ts, tn, ns, nn)
+local held, dead = 0, 0
+local h = redis.call('HGETALL', KEYS[4])
+for i = 1, #h, 2 do
+  local r, v = h[i], tonumber(h[i + 1])
+  if r ~= me then
+    local seen = redis.call('ZSCORE', KEYS[2], r)
+    if not seen or tonumber(seen) < ms - tonumber(ARGV[9]) then
+      redis.call('HDEL', KEYS[4], r)
+      dead, v = dead + v, 0
+    end
+  end
+  held = held + v
+end
+if dead > 0 then
+  ahead = ahead + dead * T
+  local s, n = add(ns, nn, ahead)
+  redis.call('SET', KEYS[1], fmt(s, n), 'PX', string.format('%d', math.floor(ahead / 1000000) + 1000))
+end
+ahead = ahead + held * T
 local free = math.floor((N * T - ahead) / T)
 if free < want then redis.call('ZADD', KEYS[3], ms + tonumber(ARGV[8]), 'rl:' .. ARGV[7]) end
 if free < 1 then return {0, ahead, live} end
 local g = math.min(free, want)
-ts, tn = add(ts, tn, g * T)
-ahead = ahead + g * T
-redis.call('SET', KEYS[1], fmt(ts, tn), 'PX', string.format('%d', math.floor(ahead / 1000000) + 1000))
-return {g, ahead, live}
+redis.call('HINCRBY', KEYS[4], me, string.format('%d', g))
+redis.call('PEXPIRE', KEYS[4], 600000)
+return {g, ahead + g * T, live}
 `)
 
-// rateReturnScript gives unused tokens back: each key's tat moves back by
-// the tokens' worth of time, but never before now (a bucket is never more
-// than full). It returns the contention marks not yet expired, as
-// heartbeatScript does.
+// rateReportScript applies one replica's token report, once: per key, the
+// tokens it spent move from what it holds into the bucket (tat moves on
+// from max(tat, now) by their worth of time), and those it gives back
+// stop being held. A replica never holds less than nothing: what Redis
+// reclaimed from it (counted dead) is not taken twice.
 //
-//	KEYS: contended, then rl:{key}...
-//	ARGV: now (unix ns), then per key the time to give back (ns)
-var rateReturnScript = redis.NewScript(luaTime + luaContended + `
-local ns, nn = split(ARGV[1])
-for i = 2, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
-  if cur then
-    local cs, cn = split(cur)
-    local ahead = diff(cs, cn, ns, nn) - tonumber(ARGV[i])
-    if ahead < 0 then ahead = 0 end
-    local s, n = add(ns, nn, ahead)
-    redis.call('SET', KEYS[i], fmt(s, n), 'KEEPTTL')
-  end
-end
+//	KEYS: rlseq:{replica}, replicas, contended, then per key rl:{key}, rlh:{key}
+//	ARGV: seq, now (unix ns), replica, seq ttl (s), then per key used, returned, T
+//
+// It heartbeats the replica, and returns what the replica holds for each
+// key after the report (whether this call applied it or an earlier one
+// did), then the contention marks not yet expired.
+var rateReportScript = redis.NewScript(luaTime + luaContended + `
+local ns, nn = split(ARGV[2])
+local me = ARGV[3]
 local t = redis.call('TIME')
-return contended(KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], ms, me)
+local seq = tonumber(ARGV[1])
+local apply = seq > tonumber(redis.call('GET', KEYS[1]) or '0')
+if apply then redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[4])) end
+local out = {}
+for i = 1, (#KEYS - 3) / 2 do
+  local rk, hk = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local j = 5 + 3 * (i - 1)
+  local used, ret, T = tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local held = tonumber(redis.call('HGET', hk, me) or '0')
+  if apply then
+    if used > 0 then
+      local ts, tn = ns, nn
+      local cur = redis.call('GET', rk)
+      if cur then
+        local cs, cn = split(cur)
+        if diff(cs, cn, ns, nn) > 0 then ts, tn = cs, cn end
+      end
+      local ahead = diff(ts, tn, ns, nn) + used * T
+      ts, tn = add(ts, tn, used * T)
+      redis.call('SET', rk, fmt(ts, tn), 'PX', string.format('%d', math.floor(ahead / 1000000) + 1000))
+    end
+    local dec = math.min(used + ret, held)
+    if dec > 0 then
+      held = held - dec
+      if held <= 0 then
+        redis.call('HDEL', hk, me)
+      else
+        redis.call('HSET', hk, me, string.format('%d', held))
+      end
+    end
+  end
+  out[i] = held
+end
+for _, m in ipairs(contended(KEYS[3], ms)) do out[#out + 1] = m end
+return out
 `)
