@@ -29,6 +29,13 @@ import (
 // trip the breaker. When the caller's ctx is done before fn returns, the
 // call counts for nothing: Redis is not to blame.
 func (c *Conn) Call(ctx context.Context, op string, fn func(ctx context.Context, r *redis.Client) error) error {
+	return c.CallFor(ctx, op, c.timeout, fn)
+}
+
+// CallFor is Call with its own time bound, for calls off the Check path
+// that may wait longer than a Check can (settling a reservation from the
+// access log): a timeout still opens the breaker.
+func (c *Conn) CallFor(ctx context.Context, op string, timeout time.Duration, fn func(ctx context.Context, r *redis.Client) error) error {
 	om := c.opMetrics(op)
 	if c.open.Load() {
 		om.refused.Inc()
@@ -36,8 +43,12 @@ func (c *Conn) Call(ctx context.Context, op string, fn func(ctx context.Context,
 	}
 	c.calls.Add(1)
 	start := c.now()
-	cctx, cancel := context.WithTimeout(ctx, c.timeout)
-	err := fn(cctx, c.client)
+	client := c.client
+	if timeout > c.timeout {
+		client = client.WithTimeout(timeout) // the socket deadlines too; same pool
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	err := fn(cctx, client)
 	expired := errors.Is(cctx.Err(), context.DeadlineExceeded)
 	cancel()
 	c.m.duration.Observe(c.now().Sub(start).Seconds())

@@ -299,6 +299,38 @@ func TestBlackHoled(t *testing.T) {
 	}
 }
 
+// TestCallFor: a call off the Check path outwaits a Redis that stalls for
+// longer than Timeout, which a Call does not.
+func TestCallFor(t *testing.T) {
+	s := rconntest.Start(t)
+	h := dial(t, rconn.Config{Addr: s.Addr(), Timeout: 50 * time.Millisecond})
+	if _, err := h.ping("ping"); err != nil {
+		t.Fatalf("warm-up: %v", err)
+	}
+	s.Pause()
+	resumed := make(chan struct{})
+	go func() {
+		defer close(resumed)
+		time.Sleep(300 * time.Millisecond)
+		s.Resume()
+	}()
+	err := h.CallFor(context.Background(), "slow", 10*time.Second, func(ctx context.Context, r *redis.Client) error {
+		return r.Ping(ctx).Err()
+	})
+	<-resumed
+	if err != nil {
+		t.Errorf("CallFor(10s) across a 300ms stall: %v", err)
+	}
+	if !h.Available() {
+		t.Error("breaker open after a CallFor that succeeded")
+	}
+	s.Pause()
+	defer s.Resume()
+	if _, err := h.ping("ping"); !rconn.IsUnavailable(err) {
+		t.Errorf("Call(50ms) to a paused Redis: %v, want unavailable", err)
+	}
+}
+
 // Refused connections (Redis killed) open the breaker after three failures
 // in a row; a restart closes it.
 func TestRefused(t *testing.T) {

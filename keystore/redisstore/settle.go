@@ -25,6 +25,12 @@ import (
 // must not make Redis keep kilobytes per request.
 const maxRequestIDLen = 128
 
+// settleTimeout bounds one Settle's wait for Redis. A Settle comes from
+// Envoy's access-log stream, which tolerates waiting, and failing it makes
+// a failed request pay its price at expiry: worth a longer wait than a
+// Check's.
+const settleTimeout = time.Second
+
 // Expiry: every replica sweeps every second, expireBatch reservations per
 // script so that one call never holds Redis for long.
 const (
@@ -106,7 +112,9 @@ func deadlineMS(t time.Time) int64 {
 // when requestID holds no open reservation (never reserved, settled
 // already, or expired and committed: a committed reservation is final).
 //
-// When Redis cannot settle (down, or too slow), Settle logs it, counts it
+// Settle runs off the Check path (from the access-log stream), so it may
+// wait up to settleTimeout, not the Check path's timeout: a loaded Redis
+// still settles. When Redis cannot settle (down, or slower than that), Settle logs it, counts it
 // in keygate_settle_errors_total and returns SettleUnknown: the
 // reservation stays and expires at its price after settle_timeout, so a
 // request that failed may then be charged, and one that cost more than its
@@ -127,7 +135,7 @@ func (s *Store) Settle(requestID string, success bool, cost money.Micros, hasCos
 	}
 	args := append([]any{requestID, ok, costArg, s.conn.Key("acct", ""), s.conn.Key("key", "")}, periodIndexes(now)...)
 	var reply []any
-	err := s.conn.Call(context.Background(), "settle", func(ctx context.Context, r *redis.Client) error {
+	err := s.conn.CallFor(context.Background(), "settle", settleTimeout, func(ctx context.Context, r *redis.Client) error {
 		var err error
 		reply, err = settleScript.Run(ctx, r, []string{s.resKey(requestID), s.resDueKey()}, args...).Slice()
 		return err
