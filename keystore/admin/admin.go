@@ -319,7 +319,7 @@ func toStatus(err error) error {
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.Is(err, keystore.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, keystore.ErrKeyInactive):
+	case errors.Is(err, keystore.ErrKeyInactive), errors.Is(err, rconn.ErrDataLost):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case rconn.IsUnavailable(err):
 		return status.Error(codes.Unavailable, err.Error())

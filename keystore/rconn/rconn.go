@@ -79,6 +79,12 @@ type Options struct {
 // since.
 var ErrUnavailable = errors.New("redis is unavailable")
 
+// ErrDataLost is returned for spends and admin writes refused because
+// Redis has lost keygate's data: its marker is missing or belongs to
+// another epoch (see Marker). Defined here, with the marker, so that every
+// layer can recognise it.
+var ErrDataLost = errors.New("redis has lost keygate's data (its marker is missing or changed): spending and admin writes are refused until an operator recovers it (README: Scale-out)")
+
 // Breaker tuning. A timeout opens the breaker at once: it has already cost
 // one Check the whole timeout, and the next ones would pay it too.
 const (

@@ -29,7 +29,7 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 		return keystore.Account{}, err
 	}
 	op := "create account " + id
-	if err := s.ready(op); err != nil {
+	if err := s.writable(op); err != nil {
 		return keystore.Account{}, err
 	}
 	r, ctx, cancel := s.client(s.timeout)
@@ -106,7 +106,7 @@ func (s *Store) Credit(id string, amount money.Micros, opts ...keystore.AccountO
 		return keystore.Account{}, err
 	}
 	op := "credit " + id
-	if err := s.ready(op); err != nil {
+	if err := s.writable(op); err != nil {
 		return keystore.Account{}, err
 	}
 	r, ctx, cancel := s.client(s.timeout)
@@ -150,7 +150,7 @@ func (s *Store) CreateKey(nk keystore.NewKey, now time.Time) (keystore.KeyInfo, 
 		return keystore.KeyInfo{}, "", err
 	}
 	op := "create key for " + nk.Account
-	if err := s.ready(op); err != nil {
+	if err := s.writable(op); err != nil {
 		return keystore.KeyInfo{}, "", err
 	}
 	raw, err := rec.MarshalBinary()
@@ -257,7 +257,7 @@ func (s *Store) Revoke(id string, now time.Time) (keystore.KeyInfo, error) {
 		return keystore.KeyInfo{}, err
 	}
 	op := "revoke " + id
-	if err := s.ready(op); err != nil {
+	if err := s.writable(op); err != nil {
 		return keystore.KeyInfo{}, err
 	}
 	r, ctx, cancel := s.client(s.timeout)
@@ -311,7 +311,7 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old, nw k
 	}
 	revokeAt := time.Unix(0, at+int64(grace)).UTC()
 	op := "rotate " + id
-	if err := s.ready(op); err != nil {
+	if err := s.writable(op); err != nil {
 		return old, nw, "", err
 	}
 	r, ctx, cancel := s.client(s.timeout)

@@ -293,6 +293,12 @@ func TestDataLost(t *testing.T) {
 	if err := a.store.Debit(key, 0); err != nil {
 		t.Errorf("Debit of 0 after the loss = %v, want nil: nothing is spent", err)
 	}
+	if _, err := a.store.Credit("acme", 5); !errors.Is(err, redisstore.ErrDataLost) {
+		t.Errorf("Credit after the loss = %v, want ErrDataLost", err)
+	}
+	if _, err := a.store.CreateAccount("fresh", "", 5, time.Now()); !errors.Is(err, redisstore.ErrDataLost) {
+		t.Errorf("CreateAccount after the loss = %v, want ErrDataLost", err)
+	}
 	if a.ledger.count() != 1 {
 		t.Errorf("the ledger was asked to spend after the loss")
 	}
@@ -315,6 +321,9 @@ func TestDataLost(t *testing.T) {
 	eventually(t, "a resumes", func() bool { return !a.store.DataLost() })
 	if err := a.store.Debit(key, 1); err != nil {
 		t.Errorf("Debit after recovery = %v", err)
+	}
+	if _, err := a.store.CreateAccount("fresh", "", 5, time.Now()); err != nil {
+		t.Errorf("CreateAccount after recovery = %v", err)
 	}
 	if got := metricValue(t, a.reg, "keygate_redis_data_lost", ""); got != 0 {
 		t.Errorf("keygate_redis_data_lost = %v after recovery, want 0", got)

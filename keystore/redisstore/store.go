@@ -49,10 +49,11 @@ import (
 
 // Errors of the Check path.
 var (
-	// ErrDataLost is returned by Debit once Redis was found to have lost
-	// keygate's data (its marker is gone, or is another one): balances there
-	// would be fresh, so nothing is spent until an operator recovers.
-	ErrDataLost = errors.New("redis has lost keygate's data (its marker is missing or changed): spending is refused until an operator recovers it")
+	// ErrDataLost is returned by Debit, and by admin writes, once Redis was
+	// found to have lost keygate's data (its marker is gone, or is another
+	// one): balances there would be fresh, so nothing is spent or written
+	// until an operator recovers.
+	ErrDataLost = rconn.ErrDataLost
 	// ErrNoLedger is returned by Debit when Options.Ledger is nil.
 	ErrNoLedger = errors.New("redisstore: no ledger to spend with")
 )
@@ -281,6 +282,19 @@ func (s *Store) markerChecked() bool {
 func (s *Store) ready(op string) error {
 	if !s.conn.Available() {
 		return fmt.Errorf("%s: %w: admin commands and reads are refused until it answers again", op, rconn.ErrUnavailable)
+	}
+	return nil
+}
+
+// writable is ready for an admin write, which is also refused while Redis
+// has lost keygate's data: a write then would mix new records into what a
+// restore from a backup is about to replace.
+func (s *Store) writable(op string) error {
+	if err := s.ready(op); err != nil {
+		return err
+	}
+	if s.lost.Load() {
+		return fmt.Errorf("%s: %w", op, ErrDataLost)
 	}
 	return nil
 }
