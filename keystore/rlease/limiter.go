@@ -410,11 +410,18 @@ func (l *Limiter) report(now time.Time, final bool) error {
 	return l.drain(ns)
 }
 
-// enqueue queues a report of entries under the next sequence number. The
-// caller holds rmu.
+// enqueue queues reports of entries, maxBatch keys each (bounding how long
+// one script holds Redis), each under the next sequence number; at least
+// one, which polls the contention marks. The caller holds rmu.
 func (l *Limiter) enqueue(entries []rateEntry) {
-	l.seq++
-	l.queue = append(l.queue, &rateBatch{seq: l.seq, entries: entries})
+	for {
+		n := min(len(entries), maxBatch)
+		l.seq++
+		l.queue = append(l.queue, &rateBatch{seq: l.seq, entries: entries[:n:n]})
+		if entries = entries[n:]; len(entries) == 0 {
+			return
+		}
+	}
 }
 
 // drain sends the queued reports in order, stopping at the first failure.

@@ -337,3 +337,30 @@ func TestLimiterDeadReplicaReclaimed(t *testing.T) {
 		t.Errorf("the reclaimed replica still holds %d tokens after its report", tok)
 	}
 }
+
+// TestLimiterReportBatches: a report of more keys than one script takes
+// goes in several, each applied: every key's spent token reaches Redis.
+func TestLimiterReportBatches(t *testing.T) {
+	srv := rconntest.Start(t)
+	clk := newClock()
+	l := limiters(t, srv, 1, clk)[0]
+	admin := newAdmin(t, dial(t, srv))
+	r := ratelimit.Rate{N: 100, Per: time.Hour}
+	now := clk.Now()
+	keys := 2*maxBatch + 7
+	for i := range keys {
+		if !l.Allow(fmt.Sprintf("k%d", i), r, now).OK {
+			t.Fatal("refused far from the limit")
+		}
+	}
+	if err := l.report(now, false); err != nil {
+		t.Fatal(err)
+	}
+	_, t0 := params(r)
+	for i := range keys {
+		tat, err := admin.r.Get(context.Background(), admin.c.Key("rl", fmt.Sprintf("k%d", i))).Int64()
+		if err != nil || tat-now.UnixNano() != t0 {
+			t.Fatalf("key %d of %d: bucket %d ahead (%v), want one token's worth %d", i, keys, tat-now.UnixNano(), err, t0)
+		}
+	}
+}
