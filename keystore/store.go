@@ -59,6 +59,9 @@ var (
 	bucketSpend    = []byte("spend")        // key id -> 8-byte spend [+ 4-byte cap period] (absent: 0)
 	bucketReserved = []byte("reservations") // request id -> reservationRecord (schema 2)
 	bucketOutbox   = []byte("outbox")       // alert id -> JSON alert, until delivered (schema 2)
+	// bucketOutage is a Redis replica's journal of outage spends (see
+	// outage.go): made by its first write, so not in allBuckets.
+	bucketOutage = []byte("outage")
 
 	allBuckets = [][]byte{bucketMeta, bucketAccounts, bucketBalances, bucketKeys, bucketSpend, bucketReserved, bucketOutbox}
 	// v2Buckets are the buckets that schema 2 added to schema 1.

@@ -104,8 +104,18 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 			log.Error("alerts lost: the local outbox refused them", zap.Int("alerts", len(alerts)), zap.Error(err))
 		}
 	}
+	// Outage spends are journaled in the local file until Redis has them,
+	// so that a replica restarted during an outage still charges them. The
+	// journal is used whatever the policy: a replica restarted with
+	// fail_closed still reports what an earlier local_allowance run owes.
+	journal, err := local.OutageJournal(reg)
+	if err != nil {
+		conn.Close() //nolint:errcheck // the error above matters more
+		return nil, err
+	}
 	ledger, err := rlease.NewLedger(conn, rlease.LedgerOptions{
 		ReplicaID: replica, Outage: outage, OutageAllowance: cfg.OutageAllowance,
+		Journal:    journal,
 		Thresholds: cfg.Alerts.Thresholds, Alerts: raise,
 		Log: log.Named("lease"), Metrics: reg,
 	})
@@ -126,7 +136,7 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 	}
 	return &backend{
 		local: local, keys: rs, admin: rs, limiter: limiter, settler: rs,
-		loops: []func(context.Context) error{conn.Run, ledger.Run, limiter.Run, rs.Run, local.Run},
+		loops: []func(context.Context) error{conn.Run, ledger.Run, limiter.Run, rs.Run, journal.Run, local.Run},
 		close: func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -135,7 +145,15 @@ func openRedis(cfg *config.Config, local *keystore.Store, log *zap.Logger, reg p
 			// passing slowness closes as soon as Redis answers.
 			go conn.Run(ctx)         //nolint:errcheck // returns nil when ctx ends
 			err := ledger.Close(ctx) // the last spend report, and every lease back
-			return errors.Join(err, conn.Close(), local.Close())
+			// The tokens spent, and every token held back. If Redis does not
+			// take them nothing is lost: it counts this replica's held tokens
+			// as spent once it is silent for 30s.
+			if lerr := limiter.Close(ctx); lerr != nil {
+				log.Warn("rate tokens not handed back; Redis counts them spent once this replica is silent for 30s", zap.Error(lerr))
+			}
+			// Then the journal: what the last report sealed or Redis
+			// applied, and, if Redis is down, what it could not send.
+			return errors.Join(err, journal.Close(), conn.Close(), local.Close())
 		},
 	}, nil
 }

@@ -248,3 +248,25 @@ func counterValue(t testing.TB, c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// markDead makes replica look silent for twice the dead window to Redis's
+// clock, so that the next heartbeat reclaims its leases.
+func (a *admin) markDead(replica string) {
+	a.t.Helper()
+	old := float64(time.Now().Add(-2 * deadAfter).UnixMilli())
+	if err := a.r.ZAdd(context.Background(), a.c.Key("replicas"), redis.Z{Score: old, Member: replica}).Err(); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+// waitUp waits until c's breaker has closed after a Redis restart.
+func waitUp(t testing.TB, c *rconn.Conn) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !c.Available() {
+		if time.Now().After(deadline) {
+			t.Fatal("the breaker stayed open 15s after Redis restarted")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

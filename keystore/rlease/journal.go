@@ -4,24 +4,17 @@ import (
 	"slices"
 	"sync"
 
-	"github.com/keygate/keygate/keystore/money"
+	"github.com/keygate/keygate/keystore"
 )
 
 // OutageSpend is one spend allowed from the local allowance while Redis was
-// unavailable (outage policy AllowLocal).
-type OutageSpend struct {
-	Account string
-	KeyID   string
-	Price   money.Micros
-}
+// unavailable (outage policy AllowLocal). It is keystore's, so that the
+// store's durable journal (keystore.OutageJournal) can keep it.
+type OutageSpend = keystore.OutageSpend
 
 // A JournalReport is the outage spends carried by report Seq of Replica, or,
 // with Seq 0, spends appended and not yet given to a report.
-type JournalReport struct {
-	Replica string
-	Seq     uint64
-	Spends  []OutageSpend
-}
+type JournalReport = keystore.OutageReport
 
 // A Journal keeps outage spends durably until Redis has applied them, so
 // that a replica restarted before Redis came back still reports them, and
@@ -39,12 +32,19 @@ type Journal interface {
 	// Seal assigns every spend appended since the last Seal to report seq of
 	// replica, which is about to be sent.
 	Seal(replica string, seq uint64) error
+	// Keep writes report r as sealed, as it is, without touching the
+	// unsealed spends: a report built but not applied while Redis is down,
+	// whose charges (spends from leases) the journal never saw.
+	Keep(r JournalReport) error
 	// Forget drops report seq of replica: Redis has applied it.
 	Forget(replica string, seq uint64) error
 	// Pending returns the sealed reports not forgotten, in the order they
 	// were sealed, then the unsealed spends (Seq 0), if any.
 	Pending() ([]JournalReport, error)
 }
+
+// The replica's local store keeps a durable Journal.
+var _ Journal = (*keystore.OutageJournal)(nil)
 
 // MemJournal is a Journal in memory: it survives Redis outages, not
 // restarts. The zero value is ready to use.
@@ -73,6 +73,14 @@ func (j *MemJournal) Seal(replica string, seq uint64) error {
 	}
 	j.sealed = append(j.sealed, JournalReport{Replica: replica, Seq: seq, Spends: j.unsealed})
 	j.unsealed = nil
+	return nil
+}
+
+// Keep implements Journal.
+func (j *MemJournal) Keep(r JournalReport) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.sealed = append(j.sealed, JournalReport{Replica: r.Replica, Seq: r.Seq, Spends: slices.Clone(r.Spends)})
 	return nil
 }
 

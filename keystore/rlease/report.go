@@ -20,7 +20,7 @@ type batch struct {
 	replica  string
 	seq      uint64
 	mode     string // reportScript's: "hb", "final", or "" for another replica's journal
-	sealed   bool   // carries journaled outage spends: Forget them once applied
+	sealed   bool   // in the journal (sealed or kept): Forget it once applied
 	returned money.Micros
 	entries  []entry
 }
@@ -35,6 +35,9 @@ type entry struct {
 	epoch           uint64       // st.epoch when built
 	period          int64        // the key's cap period number when built; 0: none (or unknown)
 	cap             money.Micros // the key's cap when built, for alerts; 0: none
+	// used, extra and lease are what build took from st (charge is used +
+	// extra, release used + lease), to put back if the batch is dropped.
+	used, extra, lease money.Micros
 }
 
 // report sends what was spent since the last report and the idle leases
@@ -52,16 +55,68 @@ func (l *Ledger) report(final bool) error {
 
 // reportRound is report under rmu; it returns the alerts of the batches
 // Redis applied, whether or not a later one failed.
+//
+// While Redis does not answer, with a journal, the spends still go into
+// reports (those with charges only, so that the queue does not grow by a
+// report a second through a long outage), and every queued report that
+// carries charges is kept in the journal: a replica stopped or crashed
+// during the outage loses none of what it spent from its leases.
 func (l *Ledger) reportRound(final bool) ([]keystore.Alert, error) {
 	l.rmu.Lock()
 	defer l.rmu.Unlock()
 	var alerts []keystore.Alert
-	if err := l.drain(&alerts); err != nil {
-		return alerts, err
-	}
-	l.build(l.now(), final)
 	err := l.drain(&alerts)
+	if err == nil {
+		l.build(l.now(), final, false)
+		err = l.drain(&alerts)
+	} else if l.o.Journal != nil {
+		l.build(l.now(), final, true)
+	}
+	if err != nil && l.o.Journal != nil {
+		l.keep()
+	}
 	return alerts, err
+}
+
+// keep writes each queued report that carries charges and is not yet in
+// the journal into it, as it is. The caller holds rmu.
+func (l *Ledger) keep() {
+	for _, b := range l.queue {
+		if b.sealed {
+			continue
+		}
+		r := JournalReport{Replica: b.replica, Seq: b.seq}
+		for _, e := range b.entries {
+			if e.charge > 0 {
+				r.Spends = append(r.Spends, OutageSpend{Account: e.account, KeyID: e.keyID, Price: e.charge})
+			}
+		}
+		if len(r.Spends) == 0 {
+			continue
+		}
+		if err := l.o.Journal.Keep(r); err != nil {
+			l.log.Error("outage journal: a report Redis has not applied could not be kept; a crash now loses its charges",
+				zap.Uint64("seq", b.seq), zap.Error(err))
+			continue
+		}
+		b.sealed = true
+	}
+}
+
+// unkept returns the charges of the queued reports that are not in the
+// journal: what this replica would lose if it stopped now.
+func (l *Ledger) unkept() money.Micros {
+	l.rmu.Lock()
+	defer l.rmu.Unlock()
+	var t money.Micros
+	for _, b := range l.queue {
+		if !b.sealed {
+			for _, e := range b.entries {
+				t += e.charge
+			}
+		}
+	}
+	return t
 }
 
 // drain sends the queued batches in order, stopping at the first failure,
@@ -79,10 +134,12 @@ func (l *Ledger) drain(alerts *[]keystore.Alert) error {
 
 // build moves what every key spent since the last report, and its lease
 // when idle (or final), into batches on the queue: idle means unused for
-// idleAfter when the key or its account is contended, else for keepIdle. Keys with outage spends
-// go into the first batch, so that the journal can seal them under one
-// seq. The caller holds rmu.
-func (l *Ledger) build(at time.Time, final bool) {
+// idleAfter when the key or its account is contended, else for keepIdle.
+// Keys with outage spends go into the first batch, so that the journal
+// can seal them under one seq; if the seal fails, that batch is not
+// queued and its keys get back what it took. With chargesOnly, keys
+// without charges are left as they are. The caller holds rmu.
+func (l *Ledger) build(at time.Time, final, chargesOnly bool) {
 	now := at.UnixNano()
 	j := l.o.Journal
 	if j != nil {
@@ -93,12 +150,17 @@ func (l *Ledger) build(at time.Time, final bool) {
 	var returned money.Micros
 	for _, s := range l.keys.all() {
 		s.mu.Lock()
+		if chargesOnly && s.used+s.extra == 0 {
+			s.mu.Unlock()
+			continue
+		}
 		e := entry{st: s, keyID: s.id, account: s.account, acctKey: s.acctKey, keyKey: s.keyKey,
 			charge: s.used + s.extra, release: s.used, epoch: s.epoch,
-			period: periodIndex(s.period, at), cap: s.cap}
+			period: periodIndex(s.period, at), cap: s.cap, used: s.used, extra: s.extra}
 		idle := now - s.lastUse
 		if s.lease > 0 && (final || idle >= int64(keepIdle) || idle >= int64(idleAfter) && l.isContended(s, now)) {
 			e.release += s.lease
+			e.lease = s.lease
 			returned += s.lease
 			s.lease = 0
 		}
@@ -118,8 +180,25 @@ func (l *Ledger) build(at time.Time, final bool) {
 	}
 	mode := "hb"
 	var batches []*batch
+	if len(outage) > 0 && j != nil {
+		// Sealed before the batch is queued: a batch carrying spends that
+		// the journal still holds unsealed would be charged twice after a
+		// restart.
+		if err := j.Seal(l.o.ReplicaID, l.seq+1); err != nil {
+			l.log.Error("outage journal seal; its spends wait for the next report", zap.Error(err))
+			for _, e := range outage {
+				returned -= e.lease
+				e.st.mu.Lock()
+				e.st.used += e.used
+				e.st.extra += e.extra
+				e.st.lease += e.lease
+				e.st.mu.Unlock()
+			}
+			outage = nil
+		}
+	}
 	if len(outage) > 0 {
-		batches = append(batches, &batch{entries: outage})
+		batches = append(batches, &batch{entries: outage, sealed: j != nil})
 	}
 	for len(rest) > 0 {
 		n := min(len(rest), maxBatch)
@@ -138,15 +217,6 @@ func (l *Ledger) build(at time.Time, final bool) {
 	}
 	if len(batches) > 0 {
 		batches[0].returned = returned // counted once the first batch is applied; close enough for a counter
-	}
-	if len(outage) > 0 && j != nil {
-		if err := j.Seal(l.o.ReplicaID, batches[0].seq); err != nil {
-			// The spends stay unsealed: reported now, and once more only if
-			// this replica restarts before they are forgotten.
-			l.log.Error("outage journal seal", zap.Error(err))
-		} else {
-			batches[0].sealed = true
-		}
 	}
 	l.queue = append(l.queue, batches...)
 }
@@ -266,21 +336,26 @@ func (l *Ledger) settle(s *keyState, epoch uint64, held money.Micros) {
 // replay queues the journal's pending outage spends: sealed reports to be
 // resent under their own replica and seq (applied once whatever happened
 // before the restart), unsealed spends onto their keys, to go with the
-// next report.
+// next report. Everything the journal still owes counts against the
+// current outage's allowance: a replica restarted during an outage does
+// not get a fresh one.
 func (l *Ledger) replay() error {
 	pending, err := l.o.Journal.Pending()
 	if err != nil {
 		return fmt.Errorf("outage journal: %w", err)
 	}
 	for _, r := range pending {
-		if r.Seq == 0 {
-			for _, sp := range r.Spends {
-				s := l.keys.get(sp.KeyID)
-				if s == nil {
-					s = l.keys.add(sp.KeyID, l.newState(sp.KeyID, sp.Account))
-				}
+		for _, sp := range r.Spends {
+			s := l.keys.get(sp.KeyID)
+			if s == nil {
+				s = l.keys.add(sp.KeyID, l.newState(sp.KeyID, sp.Account))
+			}
+			s.outageUsed = min(s.outageUsed+sp.Price, money.Max)
+			if r.Seq == 0 {
 				s.extra += sp.Price
 			}
+		}
+		if r.Seq == 0 {
 			continue
 		}
 		b := &batch{replica: r.Replica, seq: r.Seq, sealed: true}
