@@ -64,6 +64,17 @@ func openBackend(cfg *config.Config, o keystore.Options, log *zap.Logger, reg pr
 			close: local.Close,
 		}, nil
 	}
+	// The reverse: a bbolt store's file, with accounts of its own, would
+	// silently become this replica's cache, its balances never reaching
+	// Redis.
+	mirror, err := redisstore.IsMirror(local)
+	if err == nil && !mirror && len(local.Accounts()) > 0 {
+		err = fmt.Errorf("%s is a store: bbolt store with accounts of its own; in store: redis, --db is the replica's cache: give this replica a new file, and to move this store into Redis, stop its server and run keygate migrate --db %s --config <this config>", cfg.DB, cfg.DB)
+	}
+	if err != nil {
+		local.Close() //nolint:errcheck // refusing anyway
+		return nil, err
+	}
 	b, err := openRedis(cfg, local, log, reg)
 	if err != nil {
 		local.Close() //nolint:errcheck // the open error matters more

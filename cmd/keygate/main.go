@@ -81,6 +81,7 @@ func newRoot(args []string, stdout, stderr io.Writer) *cobra.Command {
 		newAccountsCmd(),
 		newKeysCmd(),
 		newCheckCmd(),
+		newMigrateCmd(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "Print the version and commit",
