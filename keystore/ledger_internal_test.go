@@ -97,27 +97,29 @@ func TestSortEntries(t *testing.T) {
 	for name, gen := range gens {
 		t.Run(name, func(t *testing.T) {
 			for _, n := range []int{0, 1, 2, 100, 10_000} {
-				es := make([]flushEntry, n)
-				for i := range es {
-					es[i] = flushEntry{id: gen(i), val: money.Micros(i)}
-					es[i].setPrefix()
+				var b flushBatch
+				var es []batchEntry
+				in := make([]string, n)
+				for i := range n {
+					in[i] = gen(i)
+					es = b.add(es, in[i], money.Micros(i), int32(i))
 				}
-				want := slices.Clone(es)
-				slices.SortStableFunc(want, func(x, y flushEntry) int { return strings.Compare(x.id, y.id) })
-				got, other := sortEntries(es, make([]flushEntry, 3), nil)
-				if !slices.IsSortedFunc(got, func(x, y flushEntry) int { return strings.Compare(x.id, y.id) }) {
-					t.Fatalf("n=%d: not sorted by ID", n)
-				}
-				// Same multiset: compare the IDs and values as sorted by both.
-				key := func(f flushEntry) string { return f.id + "\x00" + strconv.Itoa(int(f.val)) }
-				gotKeys, wantKeys := make([]string, n), make([]string, n)
+				got, other := sortEntries(es, make([]batchEntry, 3), b.ids, nil)
+				// The same entries, each with its own ID, value and
+				// period, in the order of a plain sort of the IDs.
+				ids := make([]string, len(got))
+				seen := make(map[money.Micros]bool, n)
 				for i := range got {
-					gotKeys[i], wantKeys[i] = key(got[i]), key(want[i])
+					f := &got[i]
+					ids[i] = string(b.id(f))
+					if f.val < 0 || int(f.val) >= n || in[f.val] != ids[i] || f.period != int32(f.val) || seen[f.val] {
+						t.Fatalf("n=%d: entry %d after the sort: ID %q, value %d, period %d", n, i, ids[i], f.val, f.period)
+					}
+					seen[f.val] = true
 				}
-				slices.Sort(gotKeys)
-				slices.Sort(wantKeys)
-				if !slices.Equal(gotKeys, wantKeys) {
-					t.Fatalf("n=%d: entries changed by the sort", n)
+				slices.Sort(in)
+				if !slices.Equal(ids, in) {
+					t.Fatalf("n=%d: the IDs after the sort are not in order", n)
 				}
 				if len(other) != 0 || cap(other) < n {
 					t.Errorf("n=%d: the other buffer has len %d, cap %d; want 0 and at least %d", n, len(other), cap(other), n)
@@ -127,34 +129,48 @@ func TestSortEntries(t *testing.T) {
 	}
 }
 
-// TestPacerDelay: the pause after a slice of work keeps the flush to
-// flushShare of a CPU while it has time, shrinks as the deadline nears, and
-// is zero when the flush is behind or told to hurry.
+// TestPacerDelay: the pause after a slice of work keeps the flush on a
+// schedule that spreads its work evenly over flushAim of the time to the
+// deadline, but to no less than flushShare of a CPU; it is zero when the
+// flush is behind or told to hurry.
 func TestPacerDelay(t *testing.T) {
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
-	const w = 100 * time.Microsecond
+	const (
+		w       = 100 * time.Microsecond
+		longest = w * 19 // at flushShare
+	)
+	// A flush whose deadline is span after its start is due to have done
+	// a tenth of its work 10ms after it.
+	aim := flushAim
+	span := time.Duration(float64(100*time.Millisecond) / aim)
 	tests := []struct {
 		name        string
 		hurry       bool
-		deadline    time.Duration // from now
-		worked      time.Duration
+		started     time.Duration // before now
+		deadline    time.Duration // after the start
 		done, total float64
 		want        time.Duration
 	}{
-		{"plenty of time", false, time.Hour, time.Millisecond, 10, 100, w * 19},
-		{"no estimate yet", false, time.Hour, 0, 0, 100, w * 19},
-		{"half the time needed", false, 18 * time.Millisecond, 9 * time.Millisecond, 50, 100, w},
-		{"behind", false, 5 * time.Millisecond, 9 * time.Millisecond, 50, 100, 0},
-		{"past the deadline", false, -time.Second, time.Millisecond, 50, 100, 0},
-		{"hurry", true, time.Hour, time.Millisecond, 10, 100, 0},
-		{"more done than estimated", false, time.Hour, time.Millisecond, 120, 100, w * 19},
+		{"on schedule", false, 10 * time.Millisecond, span, 10, 100, 0},
+		{"ahead", false, 9 * time.Millisecond, span, 10, 100, time.Millisecond},
+		{"further ahead", false, 9500 * time.Microsecond, span, 11, 100, 1500 * time.Microsecond},
+		{"ahead by more than flushShare allows", false, 9 * time.Millisecond, span, 11, 100, longest},
+		{"far ahead: flushShare", false, time.Millisecond, span, 50, 100, longest},
+		{"behind", false, 20 * time.Millisecond, span, 10, 100, 0},
+		{"past the deadline", false, 2 * span, span, 50, 100, 0},
+		{"no estimate", false, 0, time.Hour, 0, 0, longest},
+		{"more done than estimated", false, time.Millisecond, time.Hour, 120, 100, longest},
+		{"more done than estimated, late", false, 2 * span, span, 120, 100, 0},
+		{"hurry", true, time.Millisecond, time.Hour, 10, 100, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			start := now.Add(-tt.started)
 			p := &pacer{
-				deadline: now.Add(tt.deadline),
+				deadline: start.Add(tt.deadline),
 				hurry:    func() bool { return tt.hurry },
-				total:    tt.total, done: tt.done, worked: tt.worked,
+				start:    start,
+				total:    tt.total, done: tt.done,
 			}
 			got := p.delay(now, w)
 			if diff := got - tt.want; diff < -time.Microsecond || diff > time.Microsecond {
