@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -12,14 +10,11 @@ import (
 	"math/big"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/spf13/cobra"
-	bolt "go.etcd.io/bbolt"
-	bolterrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
 
 	"github.com/keygate/keygate/cmd/keygate/config"
@@ -119,13 +114,18 @@ func runMigrate(c *cobra.Command, db, cfgPath string, force, asJSON bool) error 
 	if _, err := os.Stat(db); errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("keygate migrate: --db %s: no such store file", db)
 	}
-	snap, release, err := readBBolt(db)
+	st, err := openSource(db)
 	if err != nil {
 		return fmt.Errorf("keygate migrate: %w", err)
 	}
-	// The file stays locked (shared) until the end: a keygate serve started
-	// on it meanwhile fails instead of taking debits Redis would not see.
-	defer release()
+	// The file stays locked until the end: a keygate serve started on it
+	// meanwhile fails instead of taking debits Redis would not see. Nothing
+	// is written to it (no Check runs), so closing it loses nothing.
+	defer st.Close() //nolint:errcheck // see above
+	snap, err := readSource(st)
+	if err != nil {
+		return fmt.Errorf("keygate migrate: %w", err)
+	}
 	stderr := c.ErrOrStderr()
 	for _, w := range snap.warnings(cfg) {
 		fmt.Fprintln(stderr, "keygate migrate: warning: "+w)
@@ -239,49 +239,26 @@ func bigUSD(m *big.Int) string {
 // ---------------------------------------------------------------------------
 // Reading the bbolt store
 
-// The bbolt file's layout (keystore/store.go and codec.go), read here
-// because keystore exports records but not a walk of the file with the
-// secrets' hashes, raw spend and reservations. readBBolt checks every
-// value read here against what keystore itself loads from the same file.
-var (
-	bucketMeta     = []byte("meta")
-	bucketAccounts = []byte("accounts")     // id → keystore.AccountRecord encoding
-	bucketBalances = []byte("balances")     // id → 8-byte big-endian balance
-	bucketKeys     = []byte("keys")         // id → keystore.KeyRecord encoding
-	bucketSpend    = []byte("spend")        // id → 8-byte spend [+ 4-byte cap period]; absent: 0
-	bucketReserved = []byte("reservations") // request id, 0, 8-byte seq → reservation record
-	bucketOutbox   = []byte("outbox")       // undelivered alerts
-	metaMagic      = []byte("magic")
-	metaSchema     = []byte("schema_version")
-	magicValue     = []byte("keygate store")
-)
-
-// bboltSchema is the one layout read here: keystore.Open upgrades older
-// ones, and refuses newer ones.
-const bboltSchema = 2
-
-// bboltSnapshot is a store file's content, ready for redisstore.Migrate.
-type bboltSnapshot struct {
+// migrateSource is a store file's content, ready for redisstore.Migrate.
+type migrateSource struct {
 	m       redisstore.Migration
 	balance *big.Int // the sum of the balances
 	outbox  int      // alerts not yet delivered
 }
 
-// readBBolt reads the store at path. keystore.Open opens it first, as
-// every --db command does: it refuses a file that a server holds
-// (ErrLocked), that is not a keygate store or is corrupt, or that is a
-// Redis replica's cache, upgrades an older schema, and loads every record,
-// so the walk that follows reads a file known to be sound, and its results
-// must equal what keystore loaded. The file is then opened read-only,
-// holding bbolt's shared lock until release: a keygate serve cannot take it
-// while the migration runs.
-func readBBolt(path string) (*bboltSnapshot, func(), error) {
+// openSource opens the store at path as every --db command does: it
+// refuses a file that a server holds (ErrLocked), that is not a keygate
+// store or is corrupt, or that is a Redis replica's cache, and upgrades an
+// older schema. The caller keeps it open, and so the file locked, until
+// the migration ends: a keygate serve started on it meanwhile fails
+// instead of taking debits Redis would not see.
+func openSource(path string) (*keystore.Store, error) {
 	st, err := keystore.Open(path, keystore.Options{LockTimeout: time.Second})
 	if errors.Is(err, keystore.ErrLocked) {
-		return nil, nil, errInUse(path)
+		return nil, errInUse(path)
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	mirror, err := redisstore.IsMirror(st)
 	if err == nil && mirror {
@@ -289,232 +266,31 @@ func readBBolt(path string) (*bboltSnapshot, func(), error) {
 	}
 	if err != nil {
 		st.Close() //nolint:errcheck // the error above matters more
-		return nil, nil, err
+		return nil, err
 	}
-	now := time.Now()
-	accts, keys := st.Accounts(), st.Keys("")
-	if err := st.Close(); err != nil {
-		return nil, nil, fmt.Errorf("close %s: %w", path, err)
-	}
-
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
-	switch {
-	case errors.Is(err, bolterrors.ErrTimeout):
-		return nil, nil, errInUse(path)
-	case err != nil:
-		return nil, nil, fmt.Errorf("open %s: %w", path, err)
-	}
-	release := func() { db.Close() } //nolint:errcheck // read-only: nothing to lose
-	snap := &bboltSnapshot{balance: new(big.Int)}
-	if err := db.View(snap.read); err != nil {
-		release()
-		return nil, nil, fmt.Errorf("%s: %w: %w", path, keystore.ErrNotKeygate, err)
-	}
-	if err := snap.agrees(accts, keys, now); err != nil {
-		release()
-		return nil, nil, fmt.Errorf("%s: %w (did a keygate serve run on it meanwhile? run migrate again)", path, err)
-	}
-	return snap, release, nil
+	return st, nil
 }
 
-// read walks the file in one transaction.
-func (s *bboltSnapshot) read(tx *bolt.Tx) error {
-	meta := tx.Bucket(bucketMeta)
-	if meta == nil || !bytes.Equal(meta.Get(metaMagic), magicValue) {
-		return errors.New("no keygate metadata")
-	}
-	if raw := meta.Get(metaSchema); len(raw) != 8 || binary.BigEndian.Uint64(raw) != bboltSchema {
-		return fmt.Errorf("schema version %x, want %d", raw, bboltSchema)
-	}
-	for _, name := range [][]byte{bucketAccounts, bucketBalances, bucketKeys, bucketSpend, bucketReserved, bucketOutbox} {
-		if tx.Bucket(name) == nil {
-			return fmt.Errorf("bucket %q is missing", name)
-		}
-	}
-	bal := tx.Bucket(bucketBalances)
-	err := tx.Bucket(bucketAccounts).ForEach(func(k, v []byte) error {
-		a := redisstore.MigrateAccount{Record: keystore.AccountRecord{ID: string(k)}}
-		if err := a.Record.UnmarshalBinary(v); err != nil {
-			return fmt.Errorf("account %s: %w", k, err)
-		}
-		b := bal.Get(k)
-		if len(b) != 8 {
-			return fmt.Errorf("balance of %s: %d bytes, want 8", k, len(b))
-		}
-		a.Balance = money.Micros(binary.BigEndian.Uint64(b))
-		s.m.Accounts = append(s.m.Accounts, a)
-		s.balance.Add(s.balance, big.NewInt(int64(a.Balance)))
-		return nil
-	})
+// readSource reads what migrate copies, and what it leaves behind.
+func readSource(st *keystore.Store) (*migrateSource, error) {
+	exp, err := st.Export()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	spend := tx.Bucket(bucketSpend)
-	err = tx.Bucket(bucketKeys).ForEach(func(k, v []byte) error {
-		key := redisstore.MigrateKey{Record: keystore.KeyRecord{ID: string(k)}}
-		if err := key.Record.UnmarshalBinary(v); err != nil {
-			return fmt.Errorf("key %s: %w", k, err)
-		}
-		if b := spend.Get(k); b != nil {
-			switch len(b) {
-			case 12:
-				key.Period = int32(binary.BigEndian.Uint32(b[8:]))
-				if key.Period <= 0 {
-					return fmt.Errorf("spend of %s: cap period %d", k, key.Period)
-				}
-			case 8:
-			default:
-				return fmt.Errorf("spend of %s: %d bytes, want 8 or 12", k, len(b))
-			}
-			key.Spent = money.Micros(binary.BigEndian.Uint64(b[:8]))
-		}
-		s.m.Keys = append(s.m.Keys, key)
-		return nil
-	})
+	alerts, err := st.PendingAlerts()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := s.readReservations(tx.Bucket(bucketReserved)); err != nil {
-		return err
+	src := &migrateSource{m: exp, balance: new(big.Int), outbox: len(alerts)}
+	for _, a := range exp.Accounts {
+		src.balance.Add(src.balance, big.NewInt(int64(a.Balance)))
 	}
-	s.outbox = tx.Bucket(bucketOutbox).Stats().KeyN
-	return nil
-}
-
-// readReservations reads the open reservations. Two of one request ID
-// (what a crash can leave; see keystore's loadReservations) both stay
-// held: the newest keeps the request ID, which a Settle names, and the
-// older ones get an ID no request has, so that they expire at their price.
-func (s *bboltSnapshot) readReservations(b *bolt.Bucket) error {
-	type disk struct {
-		r   redisstore.MigrateReservation
-		seq uint64
-	}
-	byID := map[string][]disk{}
-	var order []string
-	err := b.ForEach(func(dk, v []byte) error {
-		if len(dk) < 10 || dk[len(dk)-9] != 0 {
-			return fmt.Errorf("reservation key %q", dk)
-		}
-		id, seq := string(dk[:len(dk)-9]), binary.BigEndian.Uint64(dk[len(dk)-8:])
-		r, err := decodeReservation(v)
-		if err != nil {
-			return fmt.Errorf("reservation %q: %w", id, err)
-		}
-		r.ID = id
-		if byID[id] == nil {
-			order = append(order, id)
-		}
-		byID[id] = append(byID[id], disk{r, seq})
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	for _, id := range order {
-		ds := byID[id]
-		slices.SortFunc(ds, func(a, b disk) int { return -cmpUint(a.seq, b.seq) }) // newest first
-		for i, d := range ds {
-			if i > 0 {
-				d.r.ID = id + "\x00" + strconv.FormatUint(d.seq, 10)
-			}
-			s.m.Reservations = append(s.m.Reservations, d.r)
-		}
-	}
-	return nil
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-// decodeReservation reads a reservation record: a version byte (1), the
-// key ID (uvarint length, bytes), then price, max price and deadline (unix
-// nanos) as varints.
-func decodeReservation(b []byte) (redisstore.MigrateReservation, error) {
-	var r redisstore.MigrateReservation
-	if len(b) == 0 || b[0] != 1 {
-		return r, errors.New("unknown record version")
-	}
-	b = b[1:]
-	n, w := binary.Uvarint(b)
-	if w <= 0 || n == 0 || n > 64 || uint64(len(b)-w) < n {
-		return r, errors.New("bad key ID")
-	}
-	r.KeyID, b = string(b[w:w+int(n)]), b[w+int(n):]
-	var vals [3]int64
-	for i := range vals {
-		v, w := binary.Varint(b)
-		if w <= 0 {
-			return r, errors.New("truncated")
-		}
-		vals[i], b = v, b[w:]
-	}
-	if len(b) != 0 {
-		return r, errors.New("trailing bytes")
-	}
-	r.Price, r.MaxPrice, r.Deadline = money.Micros(vals[0]), money.Micros(vals[1]), time.Unix(0, vals[2])
-	return r, nil
-}
-
-// agrees checks the walk against what keystore loaded from the file:
-// accounts (records, balances, reserved amounts), keys (records, spend as
-// shown at now, reserved amounts).
-func (s *bboltSnapshot) agrees(accts []keystore.Account, keys []keystore.KeyInfo, now time.Time) error {
-	if len(accts) != len(s.m.Accounts) || len(keys) != len(s.m.Keys) {
-		return fmt.Errorf("read %d accounts and %d keys; keygate loads %d and %d",
-			len(s.m.Accounts), len(s.m.Keys), len(accts), len(keys))
-	}
-	acctRes, keyRes := map[string]money.Micros{}, map[string]money.Micros{}
-	keyAcct := make(map[string]string, len(s.m.Keys))
-	for _, k := range s.m.Keys {
-		keyAcct[k.Record.ID] = k.Record.Account
-	}
-	for _, r := range s.m.Reservations {
-		acctRes[keyAcct[r.KeyID]] += r.Price
-		keyRes[r.KeyID] += r.Price
-	}
-	byID := make(map[string]*redisstore.MigrateAccount, len(s.m.Accounts))
-	for i := range s.m.Accounts {
-		byID[s.m.Accounts[i].Record.ID] = &s.m.Accounts[i]
-	}
-	for _, a := range accts {
-		m := byID[a.ID]
-		if m == nil || m.Balance != a.Balance || m.Record.Tier != a.Tier || m.Record.AlertBelow != a.AlertBelow ||
-			!m.Record.CreatedAt.Equal(a.CreatedAt) || acctRes[a.ID] != a.Reserved {
-			return fmt.Errorf("account %s reads differently than keygate loads it", a.ID)
-		}
-	}
-	kByID := make(map[string]*redisstore.MigrateKey, len(s.m.Keys))
-	for i := range s.m.Keys {
-		kByID[s.m.Keys[i].Record.ID] = &s.m.Keys[i]
-	}
-	for _, k := range keys {
-		m := kByID[k.ID]
-		if m == nil || m.Record.Account != k.Account || m.Record.SpendCap != k.SpendCap || m.Record.CapPeriod != k.CapPeriod ||
-			!m.Record.RevokedAt.Equal(k.RevokedAt) || keyRes[k.ID] != k.Reserved {
-			return fmt.Errorf("key %s reads differently than keygate loads it", k.ID)
-		}
-		spent := m.Spent
-		if m.Record.CapPeriod != keystore.PeriodNone && m.Record.CapPeriod.Index(now) > m.Period {
-			spent = 0 // a period that has ended: keygate shows it as 0, and so does Redis
-		}
-		if spent != k.Spent && !(k.Spent == 0 && m.Record.CapPeriod != keystore.PeriodNone) {
-			return fmt.Errorf("key %s: spent %d, keygate loads %d", k.ID, int64(spent), int64(k.Spent))
-		}
-	}
-	return nil
+	return src, nil
 }
 
 // warnings are what the operator should know before the data moves: what
 // migrate leaves behind, and records the config does not fit.
-func (s *bboltSnapshot) warnings(cfg *config.Config) []string {
+func (s *migrateSource) warnings(cfg *config.Config) []string {
 	var out []string
 	if s.outbox > 0 {
 		out = append(out, fmt.Sprintf("%d alerts raised but not yet delivered stay in the bbolt file's outbox: they are not migrated "+

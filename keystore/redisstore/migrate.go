@@ -73,39 +73,17 @@ var (
 	ErrNothingToForce = errors.New("force clears only what an interrupted migration left")
 )
 
-// MigrateAccount is an account as Migrate writes it.
-type MigrateAccount struct {
-	Record  keystore.AccountRecord
-	Balance money.Micros // committed; may be below zero (a settled charge above its reservation)
-}
-
-// MigrateKey is a key as Migrate writes it.
-type MigrateKey struct {
-	Record keystore.KeyRecord
-	Spent  money.Micros // in cap period Period
-	Period int32        // keystore.Period.Index of the period Spent belongs to; 0 for none
-}
-
-// MigrateReservation is an open reservation (settle: on_response).
-type MigrateReservation struct {
-	// ID is the request ID that a Settle names. Two open reservations of
-	// one request ID (what a crash of a bbolt store can leave) need two
-	// IDs: the older one gets one that no request can have (with a NUL
-	// byte), so that it is never settled and expires at its price, as the
-	// bbolt store does with it.
-	ID       string
-	KeyID    string
-	Price    money.Micros
-	MaxPrice money.Micros
-	Deadline time.Time
-}
-
-// Migration is what Migrate writes.
-type Migration struct {
-	Accounts     []MigrateAccount
-	Keys         []MigrateKey
-	Reservations []MigrateReservation
-}
+// A Migration is what Migrate writes: a bbolt store's content, as
+// keystore's Store.Export reads it (see there for the meaning of each
+// field: spend in the cap period it belongs to, balances that may be below
+// zero, and a second open reservation of one request ID named so that no
+// request settles it).
+type (
+	Migration          = keystore.Export
+	MigrateAccount     = keystore.ExportedAccount
+	MigrateKey         = keystore.ExportedKey
+	MigrateReservation = keystore.ExportedReservation
+)
 
 // MigrateOptions configures Migrate.
 type MigrateOptions struct {
