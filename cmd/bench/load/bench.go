@@ -379,6 +379,11 @@ func (b *bench) cleanup() error {
 	return errors.Join(errs...)
 }
 
+// primeFor is the window of a generator with one call in flight that
+// sends n Checks: ample on a loaded machine (the window is fixed: it
+// lasts that long).
+func primeFor(n int) time.Duration { return time.Second + time.Duration(n)*5*time.Millisecond }
+
 // measure runs the main phases: rounds of floor and keygate with allowed
 // traffic at each concurrency, then keygate's denial paths.
 func (b *bench) measure(ctx context.Context) error {
@@ -393,6 +398,18 @@ func (b *bench) measure(ctx context.Context) error {
 	kg, err := b.startKeygate(ctx, "keygate", filepath.Join(b.work, "keygate.db"), env...)
 	if err != nil {
 		return err
+	}
+	// A rate-limited key's bucket holds one request (1/d): one Check per
+	// key spends them all before anything is measured, whatever the
+	// warm-up manages on a slow machine.
+	prime, err := b.gen(ctx, kg, loadgen.ModeRateLimited, 1, b.keys, 0, 0, primeFor(b.o.limitedKeys),
+		"-max", strconv.Itoa(b.o.limitedKeys))
+	if err == nil && prime.Requests != uint64(b.o.limitedKeys) {
+		err = fmt.Errorf("%w: %d of %d Checks answered in %v (errors %d, first: %s)",
+			errBench, prime.Requests, b.o.limitedKeys, primeFor(b.o.limitedKeys), prime.Errors, prime.FirstErr)
+	}
+	if err != nil {
+		return fmt.Errorf("spending the rate-limited keys' buckets: %w", err)
 	}
 	denials := []string{loadgen.ModeUnknown, loadgen.ModeGarbage, loadgen.ModeRateLimited, loadgen.ModeBadPath}
 	for r := 1; r <= b.o.rounds; r++ {
