@@ -62,16 +62,37 @@ func fromProto(h *authv3.AttributeContext_HttpRequest) request {
 
 // bearer extracts the credential from an Authorization header value of the
 // form "Bearer <token>". The scheme is case-insensitive (RFC 9110); the token
-// must be a single non-empty word. It does not allocate.
+// must be a single non-empty word. It does not allocate, and reads each byte
+// once: every Check starts here.
 func bearer(v string) (string, bool) {
 	const scheme = "bearer "
-	if len(v) <= len(scheme) || !strings.EqualFold(v[:len(scheme)], scheme) {
+	if len(v) <= len(scheme) {
 		return "", false
 	}
-	tok := strings.TrimLeft(v[len(scheme):], " ")
-	tok = strings.TrimRight(tok, " \t")
-	if tok == "" || strings.ContainsAny(tok, " \t,") {
+	for i := 0; i < len(scheme)-1; i++ {
+		if v[i]|0x20 != scheme[i] { // scheme is lower-case letters: only they fold onto them
+			return "", false
+		}
+	}
+	if v[len(scheme)-1] != ' ' {
 		return "", false
+	}
+	tok := v[len(scheme):]
+	i, j := 0, len(tok)
+	for i < j && tok[i] == ' ' {
+		i++
+	}
+	for j > i && (tok[j-1] == ' ' || tok[j-1] == '\t') {
+		j--
+	}
+	if i == j {
+		return "", false
+	}
+	tok = tok[i:j]
+	for k := 0; k < len(tok); k++ {
+		if c := tok[k]; c == ' ' || c == '\t' || c == ',' {
+			return "", false
+		}
 	}
 	return tok, true
 }

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"sync"
 	"time"
+	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -108,12 +109,7 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	}
 	if d.rateLimited {
 		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(g.lim.RetryAfter), 10)))
-		var (
-			opts [numRateHeaders]corev3.HeaderValueOption
-			vals [numRateHeaders]corev3.HeaderValue
-			ptrs [numRateHeaders]*corev3.HeaderValueOption
-		)
-		hdrs = append(hdrs, rateHeaders(&opts, &vals, &ptrs, g.lim)...)
+		hdrs = append(hdrs, new(rateParts).headers(g.lim)...)
 	}
 	body := d.encoded
 	if body == "" {
@@ -167,39 +163,57 @@ func retrySeconds(d time.Duration) int64 {
 
 const numRateHeaders = 3
 
-// rateHeaders fills opts and vals with the x-ratelimit-* headers (the names
-// OpenAI's clients read) for the key's bucket after this request, and ptrs
-// with pointers to opts. The caller provides the storage so that an allow
-// response stays one allocation.
-func rateHeaders(opts *[numRateHeaders]corev3.HeaderValueOption, vals *[numRateHeaders]corev3.HeaderValue,
-	ptrs *[numRateHeaders]*corev3.HeaderValueOption, d ratelimit.Decision) []*corev3.HeaderValueOption {
+// rateParts holds the x-ratelimit-* headers of one response, the digits of
+// their values included, so that they cost no allocation of their own.
+type rateParts struct {
+	opts   [numRateHeaders]corev3.HeaderValueOption
+	vals   [numRateHeaders]corev3.HeaderValue
+	ptrs   [numRateHeaders]*corev3.HeaderValueOption
+	digits [3 * 24]byte // three int64s in decimal and an "s"
+}
+
+// headers fills p with the x-ratelimit-* headers (the names OpenAI's
+// clients read) for the key's bucket after this request and returns them.
+// Their values are strings over p.digits: p must outlive them, as it does
+// inside a response (allowParts, or a denial's own rateParts).
+func (p *rateParts) headers(d ratelimit.Decision) []*corev3.HeaderValueOption {
 	var reset int64
 	if d.Reset > 0 {
 		reset = retrySeconds(d.Reset)
 	}
-	vals[0] = corev3.HeaderValue{Key: "x-ratelimit-limit-requests", Value: strconv.FormatInt(d.Limit, 10)}
-	vals[1] = corev3.HeaderValue{Key: "x-ratelimit-remaining-requests", Value: strconv.FormatInt(d.Remaining, 10)}
-	vals[2] = corev3.HeaderValue{Key: "x-ratelimit-reset-requests", Value: strconv.FormatInt(reset, 10) + "s"}
-	for i := range opts {
-		opts[i].Header = &vals[i]
-		opts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-		ptrs[i] = &opts[i]
+	// Each value is at most 20 digits and an "s": append never outgrows
+	// p.digits, so the strings below stay over it.
+	b := strconv.AppendInt(p.digits[:0], d.Limit, 10)
+	n1 := len(b)
+	b = strconv.AppendInt(b, d.Remaining, 10)
+	n2 := len(b)
+	b = append(strconv.AppendInt(b, reset, 10), 's')
+	p.vals[0] = corev3.HeaderValue{Key: "x-ratelimit-limit-requests", Value: p.digitString(0, n1)}
+	p.vals[1] = corev3.HeaderValue{Key: "x-ratelimit-remaining-requests", Value: p.digitString(n1, n2)}
+	p.vals[2] = corev3.HeaderValue{Key: "x-ratelimit-reset-requests", Value: p.digitString(n2, len(b))}
+	for i := range p.opts {
+		p.opts[i].Header = &p.vals[i]
+		p.opts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+		p.ptrs[i] = &p.opts[i]
 	}
-	return ptrs[:]
+	return p.ptrs[:]
+}
+
+// digitString returns p.digits[lo:hi] as a string that shares its bytes.
+func (p *rateParts) digitString(lo, hi int) string {
+	return unsafe.String(&p.digits[lo], hi-lo)
 }
 
 // allowParts is every message of an allow response, allocated together: one
 // allocation instead of a dozen on the hot path.
 type allowParts struct {
-	resp     authv3.CheckResponse
-	ok       authv3.CheckResponse_OkResponse
-	okResp   authv3.OkHttpResponse
-	idOpts   [2]corev3.HeaderValueOption
-	idVals   [2]corev3.HeaderValue
-	idPtrs   [2]*corev3.HeaderValueOption
-	rateOpts [numRateHeaders]corev3.HeaderValueOption
-	rateVals [numRateHeaders]corev3.HeaderValue
-	ratePtrs [numRateHeaders]*corev3.HeaderValueOption
+	resp   authv3.CheckResponse
+	ok     authv3.CheckResponse_OkResponse
+	okResp authv3.OkHttpResponse
+	idOpts [2]corev3.HeaderValueOption
+	idVals [2]corev3.HeaderValue
+	idPtrs [2]*corev3.HeaderValueOption
+	rate   rateParts
 }
 
 // allowResponse lets the request through: the key never leaves the edge and
@@ -246,7 +260,7 @@ func (p *allowParts) fill(g grant) {
 	p.okResp.Headers = p.idPtrs[:]
 	p.okResp.HeadersToRemove = removeAuthorization
 	if !g.rate.IsZero() { // an unlimited key has no bucket to describe
-		p.okResp.ResponseHeadersToAdd = rateHeaders(&p.rateOpts, &p.rateVals, &p.ratePtrs, g.lim)
+		p.okResp.ResponseHeadersToAdd = p.rate.headers(g.lim)
 	}
 	p.ok.OkResponse = &p.okResp
 	// Status stays unset: Envoy reads a missing status as OK, and

@@ -240,6 +240,8 @@ func (x *hashIndex) build(ph []pendingHash, keys []Key) {
 		lo = hi
 	}
 	ss, ts := make([]slot, len(ph)), make([][tailSize]byte, len(ph))
+	hugePages(ss)
+	hugePages(ts)
 	for i := range ph {
 		_, pre, tail := split(&ph[i].hash)
 		ss[i], ts[i] = slot{pre: pre, key: &keys[ph[i].ord]}, *tail

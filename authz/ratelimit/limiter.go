@@ -44,16 +44,22 @@ type shard struct {
 	_ [cacheLine - unsafe.Sizeof(shardState{})%cacheLine]byte
 }
 
+// shardState maps a key to its bucket's place in tat rather than to the
+// bucket itself, so that an Allow reads and updates it with one map lookup
+// (a map of values would take a second, to store it back). Places freed by
+// Sweep are reused.
 type shardState struct {
-	mu  sync.Mutex
-	tat map[string]int64 // key → theoretical arrival time, unix nanos; guarded by mu
+	mu   sync.Mutex // guards the fields below
+	at   map[string]int32
+	tat  []int64 // theoretical arrival times, unix nanos
+	free []int32 // places in tat no key holds
 }
 
 // NewLimiter returns a Limiter with no buckets.
 func NewLimiter() *Limiter {
 	l := &Limiter{seed: maphash.MakeSeed()}
 	for i := range l.shards {
-		l.shards[i].tat = make(map[string]int64)
+		l.shards[i].at = make(map[string]int32)
 	}
 	return l
 }
@@ -83,7 +89,11 @@ func (l *Limiter) Allow(key string, r Rate, now time.Time) Decision {
 
 	s := &l.shards[maphash.String(l.seed, key)&(numShards-1)]
 	s.mu.Lock()
-	tat, ok := s.tat[key]
+	i, ok := s.at[key]
+	if !ok {
+		i = s.add(key)
+	}
+	tat := s.tat[i]
 	if !ok || tat < ns {
 		tat = ns // a new or full bucket
 	}
@@ -92,11 +102,25 @@ func (l *Limiter) Allow(key string, r Rate, now time.Time) Decision {
 		return Decision{Limit: r.N, Reset: time.Duration(ahead), RetryAfter: time.Duration(ahead - tau)}
 	}
 	tat += t
-	s.tat[key] = tat
+	s.tat[i] = tat
 	s.mu.Unlock()
 
 	ahead := tat - ns // <= tau+t = n*t, so Remaining >= 0
 	return Decision{OK: true, Limit: r.N, Remaining: (n*t - ahead) / t, Reset: time.Duration(ahead)}
+}
+
+// add gives key a place in tat and returns it; the caller sets its tat.
+// The caller holds s.mu.
+func (s *shardState) add(key string) int32 {
+	var i int32
+	if n := len(s.free); n > 0 {
+		i, s.free = s.free[n-1], s.free[:n-1]
+	} else {
+		i = int32(len(s.tat))
+		s.tat = append(s.tat, 0)
+	}
+	s.at[key] = i
+	return i
 }
 
 // maxPer bounds a Rate's period so that unix nanoseconds plus a whole bucket
@@ -119,9 +143,10 @@ func (l *Limiter) Sweep(now time.Time) int {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		for k, tat := range s.tat {
-			if tat <= ns {
-				delete(s.tat, k)
+		for k, i := range s.at {
+			if s.tat[i] <= ns {
+				delete(s.at, k)
+				s.free = append(s.free, i)
 				removed++
 			}
 		}
@@ -136,7 +161,7 @@ func (l *Limiter) Len() int {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		total += len(s.tat)
+		total += len(s.at)
 		s.mu.Unlock()
 	}
 	return total

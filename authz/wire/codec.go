@@ -42,6 +42,17 @@ func (c Codec) Marshal(v any) (mem.BufferSlice, error) {
 	}
 	if m, ok := v.(vtMarshaler); ok {
 		size := m.SizeVT()
+		if mem.IsBelowBufferPoolingThreshold(size) {
+			// gRPC would not give a buffer this small back to the pool
+			// (mem.NewBuffer wraps it as a plain SliceBuffer), so taking
+			// one from the pool only costs a miss there: a Check's response
+			// is a few hundred bytes.
+			b := make([]byte, size)
+			if _, err := m.MarshalToSizedBufferVTStrict(b); err != nil {
+				return nil, err
+			}
+			return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+		}
 		pool := mem.DefaultBufferPool()
 		buf := pool.Get(size)
 		if _, err := m.MarshalToSizedBufferVTStrict((*buf)[:size]); err != nil {

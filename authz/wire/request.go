@@ -61,90 +61,150 @@ type Request struct {
 // headers map is preferred over header_map, which Envoy fills only when
 // told to send raw headers. The strings are copied, so b may be reused.
 func (r *Request) Decode(b []byte) error {
-	var (
-		id, method, path       []byte
-		mapAuth, mapReqID      []byte
-		hasMapAuth, hasMapReq  bool
-		rawAuth, rawReqID      []byte
-		rawAuthN, rawReqIDSeen int
-	)
-	err := walk(b, func(n protowire.Number, v []byte) error {
-		if n != fCheckAttributes {
-			return nil
-		}
-		return walk(v, func(n protowire.Number, v []byte) error {
-			if n != fAttrRequest {
-				return nil
-			}
-			return walk(v, func(n protowire.Number, v []byte) error {
-				if n != fRequestHTTP {
-					return nil
-				}
-				return walk(v, func(n protowire.Number, v []byte) error {
-					switch n {
-					case fHTTPID:
-						id = v
-					case fHTTPMethod:
-						method = v
-					case fHTTPPath:
-						path = v
-					case fHTTPHeaders:
-						k, val, _, err := entry(v)
-						if err != nil {
-							return err
-						}
-						switch string(k) { // no allocation: compared in place
-						case "authorization":
-							mapAuth, hasMapAuth = val, true
-						case "x-request-id":
-							mapReqID, hasMapReq = val, true
-						}
-					case fHTTPHeaderMap:
-						return walk(v, func(n protowire.Number, v []byte) error {
-							if n != fHeaderMapList {
-								return nil
-							}
-							k, val, raw, err := entry(v)
-							if err != nil {
-								return err
-							}
-							if len(raw) > 0 {
-								val = raw
-							}
-							switch {
-							case equalFold(k, "authorization"):
-								rawAuth = val
-								rawAuthN++
-							case equalFold(k, "x-request-id"):
-								rawReqID = val
-								rawReqIDSeen++
-							}
-							return nil
-						})
-					}
-					return nil
-				})
-			})
-		})
-	})
-	if err != nil {
+	var f found
+	if err := f.checkRequest(b); err != nil {
 		return err
 	}
-	auth, authN := rawAuth, rawAuthN
-	if hasMapAuth {
-		auth, authN = mapAuth, 1
+	auth, authN := f.rawAuth, f.rawAuthN
+	if f.hasMapAuth {
+		auth, authN = f.mapAuth, 1
 	}
-	reqID := rawReqID
-	if hasMapReq {
-		reqID = mapReqID
+	reqID := f.rawReqID
+	if f.hasMapReq {
+		reqID = f.mapReqID
 	}
 	*r = Request{AuthorizationCount: authN}
-	r.buf = make([]byte, 0, len(id)+len(method)+len(path)+len(auth)+len(reqID))
-	r.ID = r.keep(id)
-	r.Method = r.keep(method)
-	r.Path = r.keep(path)
+	r.buf = make([]byte, 0, len(f.id)+len(f.method)+len(f.path)+len(auth)+len(reqID))
+	r.ID = r.keep(f.id)
+	r.Method = r.keep(f.method)
+	r.Path = r.keep(f.path)
 	r.Authorization = r.keep(auth)
 	r.RequestID = r.keep(reqID)
+	return nil
+}
+
+// found is what Decode has read so far: views into the message's bytes.
+// Each level of the path CheckRequest.attributes.request.http is its own
+// loop over the fields of that message (see field), with no callbacks: a
+// Check decodes a dozen headers, and this is the first thing it does.
+type found struct {
+	id, method, path      []byte
+	mapAuth, mapReqID     []byte
+	hasMapAuth, hasMapReq bool
+	rawAuth, rawReqID     []byte
+	rawAuthN              int
+}
+
+func (f *found) checkRequest(b []byte) error {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return ErrMalformed
+		}
+		b = b[n:]
+		if isBytes && num == fCheckAttributes {
+			if err := f.attributes(v); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (f *found) attributes(b []byte) error {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return ErrMalformed
+		}
+		b = b[n:]
+		if isBytes && num == fAttrRequest {
+			if err := f.request(v); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (f *found) request(b []byte) error {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return ErrMalformed
+		}
+		b = b[n:]
+		if isBytes && num == fRequestHTTP {
+			if err := f.http(v); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (f *found) http(b []byte) error {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return ErrMalformed
+		}
+		b = b[n:]
+		if !isBytes {
+			continue
+		}
+		switch num {
+		case fHTTPID:
+			f.id = v
+		case fHTTPMethod:
+			f.method = v
+		case fHTTPPath:
+			f.path = v
+		case fHTTPHeaders:
+			k, val, _, err := entry(v)
+			if err != nil {
+				return err
+			}
+			switch string(k) { // no allocation: compared in place
+			case "authorization":
+				f.mapAuth, f.hasMapAuth = val, true
+			case "x-request-id":
+				f.mapReqID, f.hasMapReq = val, true
+			}
+		case fHTTPHeaderMap:
+			if err := f.headerMap(v); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (f *found) headerMap(b []byte) error {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return ErrMalformed
+		}
+		b = b[n:]
+		if !isBytes || num != fHeaderMapList {
+			continue
+		}
+		k, val, raw, err := entry(v)
+		if err != nil {
+			return err
+		}
+		if len(raw) > 0 {
+			val = raw
+		}
+		switch {
+		case equalFold(k, "authorization"):
+			f.rawAuth = val
+			f.rawAuthN++
+		case equalFold(k, "x-request-id"):
+			f.rawReqID = val
+		}
+	}
 	return nil
 }
 
@@ -159,40 +219,50 @@ func (r *Request) keep(v []byte) string {
 	return unsafe.String(&r.buf[start], len(v))
 }
 
-// walk calls fn with each length-delimited field of the message b; fields of
-// other wire types are skipped. Every length is checked against b.
-func walk(b []byte, fn func(protowire.Number, []byte) error) error {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return ErrMalformed
+// field reads the field at the start of b: its number, its value if it is
+// length-delimited (isBytes; fields of other wire types are skipped), and
+// how many bytes it takes, or n < 0 if it is malformed. Every length is
+// checked against b.
+func field(b []byte) (num protowire.Number, v []byte, isBytes bool, n int) {
+	// The common case first: a length-delimited field whose number and
+	// length take one byte each (every header shorter than 128 bytes).
+	if len(b) >= 2 && b[0] < 0x80 && b[0]&7 == byte(protowire.BytesType) && b[0] >= 8 && b[1] < 0x80 {
+		if end := 2 + int(b[1]); end <= len(b) {
+			return protowire.Number(b[0] >> 3), b[2:end], true, end
 		}
-		b = b[n:]
-		if typ != protowire.BytesType {
-			m := protowire.ConsumeFieldValue(num, typ, b)
-			if m < 0 {
-				return ErrMalformed
-			}
-			b = b[m:]
-			continue
-		}
-		v, m := protowire.ConsumeBytes(b)
-		if m < 0 {
-			return ErrMalformed
-		}
-		if err := fn(num, v); err != nil {
-			return err
-		}
-		b = b[m:]
+		return 0, nil, false, -1
 	}
-	return nil
+	num, typ, n := protowire.ConsumeTag(b)
+	if n < 0 {
+		return 0, nil, false, -1
+	}
+	if typ != protowire.BytesType {
+		m := protowire.ConsumeFieldValue(num, typ, b[n:])
+		if m < 0 {
+			return 0, nil, false, -1
+		}
+		return num, nil, false, n + m
+	}
+	v, m := protowire.ConsumeBytes(b[n:])
+	if m < 0 {
+		return 0, nil, false, -1
+	}
+	return num, v, true, n + m
 }
 
 // entry reads a map entry {1: key, 2: value} or a HeaderValue {1: key,
 // 2: value, 3: raw_value}.
 func entry(b []byte) (key, value, raw []byte, err error) {
-	err = walk(b, func(n protowire.Number, v []byte) error {
-		switch n {
+	for len(b) > 0 {
+		num, v, isBytes, n := field(b)
+		if n < 0 {
+			return nil, nil, nil, ErrMalformed
+		}
+		b = b[n:]
+		if !isBytes {
+			continue
+		}
+		switch num {
 		case fEntryKey:
 			key = v
 		case fEntryValue:
@@ -200,9 +270,8 @@ func entry(b []byte) (key, value, raw []byte, err error) {
 		case fHeaderRawValue:
 			raw = v
 		}
-		return nil
-	})
-	return key, value, raw, err
+	}
+	return key, value, raw, nil
 }
 
 func equalFold(b []byte, s string) bool {
