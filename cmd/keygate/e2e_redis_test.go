@@ -620,8 +620,11 @@ func TestE2ERedisRateLimit(t *testing.T) {
 		t.Errorf("burst after a quiet spell: %d allowed, want at most %d + %d refilled in %s (+1) = %d",
 			quiet.allowed, limit, int(took/fastInterval), took, qbound)
 	}
-	if quiet.allowed < limit {
-		t.Errorf("burst after a quiet spell: %d allowed, want at least the full bucket, %d", quiet.allowed, limit)
+	// The warm-up's spends are still held (an uncontended key's spends are
+	// reported with its lease) until the burst marks the key contended.
+	if quiet.allowed < limit-len(c.reps) {
+		t.Errorf("burst after a quiet spell: %d allowed, want at least the full bucket less the warm-up's %d spends, %d",
+			quiet.allowed, len(c.reps), limit-len(c.reps))
 	}
 	c.stopAll(t)
 }

@@ -445,24 +445,36 @@ func (l *Limiter) drain(ns int64) error {
 func (l *Limiter) collect(ns int64, marks *map[string]struct{}, final bool) (entries []rateEntry, held bool) {
 	for _, b := range l.buckets.all() {
 		b.mu.Lock()
+		contended := ns < b.contendedUntil
+		if !contended && marks != nil {
+			_, contended = (*marks)[b.mark]
+		}
+		unused := ns-b.lastUse >= int64(keepIdle)
 		if b.tokens > 0 {
-			contended := ns < b.contendedUntil
-			if !contended && marks != nil {
-				_, contended = (*marks)[b.mark]
-			}
-			if final || ns-b.lastUse >= int64(keepIdle) || contended && ns-b.leasedAt >= int64(returnAfter) {
+			if final || unused || contended && ns-b.leasedAt >= int64(returnAfter) {
 				b.giveBack += b.tokens
 				b.tokens = 0
 			} else {
 				held = true
 			}
 		}
-		reported := b.used > 0 || b.giveBack > 0 || b.unsure > 0
+		// Spent tokens stay held in Redis until reported, which costs Redis
+		// work per key: they are reported when the room they take may be
+		// needed (the key is contended), when a lease's worth has piled up,
+		// or with the lease's return. So a replica holds at most about two
+		// leases of a key, and a key far from its limit costs no report.
+		var lease int64 = 1
+		if b.rate.N > 0 {
+			n, _ := params(b.rate)
+			lease = leaseSize(n)
+		}
+		reported := b.unsure > 0 || b.giveBack > 0 ||
+			b.used > 0 && (final || contended || unused || b.used >= lease)
 		if reported {
 			entries = append(entries, rateEntry{b: b, used: b.used, returned: b.giveBack, t: b.t, epoch: b.epoch})
 			b.used, b.giveBack = 0, 0
 		}
-		idle := !reported && b.tokens == 0 && ns-b.lastUse >= int64(forgetBucketAfter)
+		idle := !reported && b.tokens == 0 && b.used == 0 && ns-b.lastUse >= int64(forgetBucketAfter)
 		b.mu.Unlock()
 		if idle {
 			l.buckets.removeIf(b.key, b, func(b *bucket) bool {
