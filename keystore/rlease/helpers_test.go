@@ -270,3 +270,14 @@ func waitUp(t testing.TB, c *rconn.Conn) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// oneKey starts a redis-server holding account "a" with balance and its
+// key "k" without a cap: the setup most ledger tests share.
+func oneKey(t testing.TB, balance money.Micros) (*rconntest.Server, *rconn.Conn, *admin, *keystore.Key) {
+	t.Helper()
+	srv := rconntest.Start(t)
+	c := dial(t, srv)
+	a := newAdmin(t, c)
+	a.account("a", balance)
+	return srv, c, a, a.key("k", "a", 0)
+}

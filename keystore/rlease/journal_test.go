@@ -141,11 +141,7 @@ func TestDurableJournalReplay(t *testing.T) {
 // replica on the file charges it once, and the dead replica's lease comes
 // back whole.
 func TestLeaseSpendsKeptDuringOutage(t *testing.T) {
-	srv := rconntest.Start(t)
-	c := dial(t, srv)
-	a := newAdmin(t, c)
-	a.account("a", 1_000_000)
-	k := a.key("k", "a", 0)
+	srv, c, a, k := oneKey(t, 1_000_000)
 	d := openDurable(t, filepath.Join(t.TempDir(), "replica.db"))
 	old := ledger(t, c, LedgerOptions{ReplicaID: "old", Journal: d.j})
 	if err := old.Spend(k, 100); err != nil { // leases 64 prices
@@ -206,11 +202,7 @@ func (j *failingSeal) Seal(replica string, seq uint64) error {
 // restart would charge the still unsealed spends again); the next report,
 // once the seal works, charges them once.
 func TestSealFailureHoldsTheReport(t *testing.T) {
-	srv := rconntest.Start(t)
-	c := dial(t, srv)
-	a := newAdmin(t, c)
-	a.account("a", 1_000_000)
-	k := a.key("k", "a", 0)
+	_, c, a, k := oneKey(t, 1_000_000)
 	f := newFaultConn(c)
 	j := &failingSeal{MemJournal: &MemJournal{}, fail: true}
 	l := ledger(t, f, LedgerOptions{ReplicaID: "r", Outage: AllowLocal, OutageAllowance: 1000, Journal: j})
@@ -244,11 +236,7 @@ func TestSealFailureHoldsTheReport(t *testing.T) {
 // TestRestartKeepsOutageAllowance: what the journal still owes counts
 // against the allowance of a replica restarted during the same outage.
 func TestRestartKeepsOutageAllowance(t *testing.T) {
-	srv := rconntest.Start(t)
-	c := dial(t, srv)
-	a := newAdmin(t, c)
-	a.account("a", 1_000_000)
-	k := a.key("k", "a", 0)
+	srv, c, _, k := oneKey(t, 1_000_000)
 	d := openDurable(t, filepath.Join(t.TempDir(), "replica.db"))
 	srv.Kill()
 	old := ledger(t, c, LedgerOptions{ReplicaID: "old", Outage: AllowLocal, OutageAllowance: 300, Journal: d.j})
@@ -275,11 +263,7 @@ func TestRestartKeepsOutageAllowance(t *testing.T) {
 // TestCloseDuringOutageKeepsSpends: Close while Redis is down succeeds
 // once the journal holds every charge; the next start charges them.
 func TestCloseDuringOutageKeepsSpends(t *testing.T) {
-	srv := rconntest.Start(t)
-	c := dial(t, srv)
-	a := newAdmin(t, c)
-	a.account("a", 1_000_000)
-	k := a.key("k", "a", 0)
+	srv, c, a, k := oneKey(t, 1_000_000)
 	d := openDurable(t, filepath.Join(t.TempDir(), "replica.db"))
 	old := ledger(t, c, LedgerOptions{ReplicaID: "old", Journal: d.j})
 	for range 2 {
