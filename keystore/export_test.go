@@ -255,21 +255,7 @@ func TestExportEmpty(t *testing.T) {
 // that the store itself settles for that request ID keeps it, the other
 // gets an ID that no request has.
 func TestExportReusedID(t *testing.T) {
-	path := tempPath(t)
-	s := mustOpen(t, path)
-	defer s.Close()
-	mustAccount(t, s, "a", 1_000)
-	mustAccount(t, s, "b", 1_000)
-	first, sa := mustKey(t, s, keystore.NewKey{Account: "a", Scopes: []string{"x"}})
-	second, sb := mustKey(t, s, keystore.NewKey{Account: "b", Scopes: []string{"x"}})
-	mustReserve(t, s, mustLookup(t, s, sa), "req", 10, 10)
-	mustFlush(t, s)
-	s.Settle("req", true, 0, false)
-	mustReserve(t, s, mustLookup(t, s, sb), "req", 30, 30)
-	if _, err := s.Credit("b", 1); err != nil { // writes b's reservation, not a's settlement
-		t.Fatal(err)
-	}
-	crashed := crashCopy(t, path)
+	crashed, first, second := crashWithAReusedID(t)
 	c := mustOpen(t, crashed)
 	defer c.Close()
 

@@ -785,12 +785,12 @@ func viewBolt(t *testing.T, path string, f func(tx *bolt.Tx) error) {
 	}
 }
 
-// TestCrashWithAReusedID: a request ID settled on one account and reserved
-// again on another is written for the second by a Credit of its account,
-// before a flush deletes the first: a crash then leaves both on disk. The
-// store opens, with both held: a later log entry settles the newer, and
-// the older, whose settlement the crash lost, expires at its price.
-func TestCrashWithAReusedID(t *testing.T) {
+// crashWithAReusedID returns the path of a crash copy holding two open
+// reservations of request ID "req": one of key first (account "a",
+// price 10), settled before the crash but not yet flushed, and one of key
+// second (account "b", price 30), written by a Credit of b.
+func crashWithAReusedID(t *testing.T) (crashed string, first, second keystore.KeyInfo) {
+	t.Helper()
 	path := tempPath(t)
 	s := mustOpen(t, path)
 	defer s.Close()
@@ -805,7 +805,17 @@ func TestCrashWithAReusedID(t *testing.T) {
 	if _, err := s.Credit("b", 1); err != nil { // writes b's reservation, not a's settlement
 		t.Fatal(err)
 	}
-	c, err := keystore.Open(crashCopy(t, path), keystore.Options{})
+	return crashCopy(t, path), first, second
+}
+
+// TestCrashWithAReusedID: a request ID settled on one account and reserved
+// again on another is written for the second by a Credit of its account,
+// before a flush deletes the first: a crash then leaves both on disk. The
+// store opens, with both held: a later log entry settles the newer, and
+// the older, whose settlement the crash lost, expires at its price.
+func TestCrashWithAReusedID(t *testing.T) {
+	crashed, first, second := crashWithAReusedID(t)
+	c, err := keystore.Open(crashed, keystore.Options{})
 	if err != nil {
 		t.Fatalf("Open after a crash: %v", err)
 	}
