@@ -380,3 +380,55 @@ func TestLimiterReportBatches(t *testing.T) {
 		}
 	}
 }
+
+// TestLimiterConcurrentRun: three replicas hammer one key from several
+// goroutines each while their Run loops report, return and poll on the
+// real clock: across them, never more than one exact bucket allows, and
+// (demand above the limit) at least N once unused tokens come back.
+func TestLimiterConcurrentRun(t *testing.T) {
+	for _, r := range []ratelimit.Rate{
+		{N: 200, Per: time.Hour},       // a token every 18s: no refill to speak of
+		{N: 100, Per: 2 * time.Second}, // 50 tokens a second: spends reported and refilled meanwhile
+	} {
+		t.Run(fmt.Sprintf("%d per %v", r.N, r.Per), func(t *testing.T) { concurrentRun(t, r) })
+	}
+}
+
+func concurrentRun(t *testing.T, r ratelimit.Rate) {
+	srv := rconntest.Start(t)
+	var ls []*Limiter
+	ctx, cancel := context.WithCancel(context.Background())
+	var runs sync.WaitGroup
+	for i := range 3 {
+		l := NewLimiter(dial(t, srv), LimiterOptions{ReplicaID: fmt.Sprintf("c%d", i)})
+		ls = append(ls, l)
+		runs.Go(func() { _ = l.Run(ctx) })
+	}
+	defer func() { cancel(); runs.Wait() }()
+	var allowed atomic.Int64
+	start := time.Now()
+	deadline := start.Add(2500 * time.Millisecond)
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range 4 {
+			wg.Go(func() {
+				for time.Now().Before(deadline) {
+					if l.Allow("k", r, time.Now()).OK {
+						allowed.Add(1)
+					}
+					time.Sleep(time.Millisecond)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	refilled := int64(time.Since(start)/(r.Per/time.Duration(r.N))) + 1
+	got := allowed.Load()
+	t.Logf("allowed %d across 3 replicas in %s; N %d, refill %d", got, time.Since(start).Round(time.Millisecond), r.N, refilled)
+	if got > r.N+refilled {
+		t.Errorf("allowed %d, above one exact bucket's %d + %d refilled", got, r.N, refilled)
+	}
+	if got < r.N {
+		t.Errorf("allowed %d with demand above the limit for 2.5s, want at least N = %d", got, r.N)
+	}
+}
