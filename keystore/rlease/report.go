@@ -25,20 +25,25 @@ type batch struct {
 	entries  []entry
 }
 
-// entry is one key's line of a report.
+// entry is one key's line of a report: what build took from the key's
+// state, which is also what a dropped batch puts back.
 type entry struct {
 	st              *keyState // nil in a journal replay
 	keyID, account  string
 	acctKey, keyKey string
-	charge          money.Micros // bal −= charge, spent += charge
-	release         money.Micros // leased −= release
+	used            money.Micros // spent from the lease: charged, and released
+	extra           money.Micros // spent beyond leases (outage spends, a journal replay): charged only
+	lease           money.Micros // the unspent lease given back: released only
 	epoch           uint64       // st.epoch when built
 	period          int64        // the key's cap period number when built; 0: none (or unknown)
 	cap             money.Micros // the key's cap when built, for alerts; 0: none
-	// used, extra and lease are what build took from st (charge is used +
-	// extra, release used + lease), to put back if the batch is dropped.
-	used, extra, lease money.Micros
 }
+
+// charge is what the entry takes from the balance and adds to the spend.
+func (e *entry) charge() money.Micros { return e.used + e.extra }
+
+// release is what the entry takes off the leased amounts.
+func (e *entry) release() money.Micros { return e.used + e.lease }
 
 // report sends what was spent since the last report and the idle leases
 // (every lease when final), in as many calls as the keys need. Batches
@@ -87,8 +92,8 @@ func (l *Ledger) keep() {
 		}
 		r := JournalReport{Replica: b.replica, Seq: b.seq}
 		for _, e := range b.entries {
-			if e.charge > 0 {
-				r.Spends = append(r.Spends, OutageSpend{Account: e.account, KeyID: e.keyID, Price: e.charge})
+			if c := e.charge(); c > 0 {
+				r.Spends = append(r.Spends, OutageSpend{Account: e.account, KeyID: e.keyID, Price: c})
 			}
 		}
 		if len(r.Spends) == 0 {
@@ -112,7 +117,7 @@ func (l *Ledger) unkept() money.Micros {
 	for _, b := range l.queue {
 		if !b.sealed {
 			for _, e := range b.entries {
-				t += e.charge
+				t += e.charge()
 			}
 		}
 	}
@@ -155,24 +160,22 @@ func (l *Ledger) build(at time.Time, final, chargesOnly bool) {
 			continue
 		}
 		e := entry{st: s, keyID: s.id, account: s.account, acctKey: s.acctKey, keyKey: s.keyKey,
-			charge: s.used + s.extra, release: s.used, epoch: s.epoch,
-			period: periodIndex(s.period, at), cap: s.cap, used: s.used, extra: s.extra}
+			used: s.used, extra: s.extra, epoch: s.epoch, period: periodIndex(s.period, at), cap: s.cap}
 		idle := now - s.lastUse
 		if s.lease > 0 && (final || idle >= int64(keepIdle) || idle >= int64(idleAfter) && l.isContended(s, now)) {
-			e.release += s.lease
 			e.lease = s.lease
 			returned += s.lease
 			s.lease = 0
 		}
 		hasExtra, unsure := s.extra > 0, s.unsure > 0
 		s.used, s.extra = 0, 0
-		forget := s.lease == 0 && s.unsure == 0 && e.charge == 0 && e.release == 0 &&
+		forget := s.lease == 0 && s.unsure == 0 && e.charge() == 0 && e.release() == 0 &&
 			now-s.lastUse >= int64(forgetAfter)
 		s.mu.Unlock()
 		switch {
 		case hasExtra:
 			outage = append(outage, e)
-		case e.charge > 0 || e.release > 0 || unsure:
+		case e.charge() > 0 || e.release() > 0 || unsure:
 			rest = append(rest, e)
 		case forget:
 			l.keys.removeIf(s.id, s, dropIfIdle(now))
@@ -256,7 +259,7 @@ func (l *Ledger) send(b *batch, alerts *[]keystore.Alert) error {
 	args = append(args, b.seq, b.replica, b.mode)
 	for _, e := range b.entries {
 		keys = append(keys, e.acctKey, e.keyKey)
-		args = append(args, e.keyID, int64(e.charge), int64(e.release), e.period)
+		args = append(args, e.keyID, int64(e.charge()), int64(e.release()), e.period)
 	}
 	sent := l.now().UnixNano()
 	var res []int64
@@ -282,7 +285,7 @@ func (l *Ledger) send(b *batch, alerts *[]keystore.Alert) error {
 		if e.st != nil {
 			l.settle(e.st, e.epoch, money.Micros(v[0]))
 		}
-		if how == reportIgnored || e.charge <= 0 || l.o.Alerts == nil {
+		if how == reportIgnored || e.charge() <= 0 || l.o.Alerts == nil {
 			continue
 		}
 		if at.IsZero() {
@@ -291,9 +294,9 @@ func (l *Ledger) send(b *batch, alerts *[]keystore.Alert) error {
 		spent, bal := money.Micros(v[1]), money.Micros(v[2])
 		*alerts = append(*alerts, keystore.Crossings(keystore.Crossing{
 			KeyID: e.keyID, Account: e.account, Cap: e.cap,
-			SpentBefore: spent - e.charge, SpentAfter: spent,
+			SpentBefore: spent - e.charge(), SpentAfter: spent,
 			AlertBelow:    money.Micros(v[3]),
-			BalanceBefore: bal + e.charge, BalanceAfter: bal,
+			BalanceBefore: bal + e.charge(), BalanceAfter: bal,
 		}, l.o.Thresholds, at)...)
 	}
 	if how == reportReplayed {
@@ -366,7 +369,7 @@ func (l *Ledger) replay() error {
 					acctKey: l.c.Key("acct", sp.Account), keyKey: l.c.Key("key", sp.KeyID)})
 				i = len(b.entries) - 1
 			}
-			b.entries[i].charge += sp.Price
+			b.entries[i].extra += sp.Price
 		}
 		l.queue = append(l.queue, b)
 		if r.Replica == l.o.ReplicaID {
