@@ -45,7 +45,7 @@ func (c *Conn) CallFor(ctx context.Context, op string, timeout time.Duration, fn
 	start := c.now()
 	client := c.client
 	if timeout > c.timeout {
-		client = client.WithTimeout(timeout) // the socket deadlines too; same pool
+		client = c.view(timeout)
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	err := fn(cctx, client)
@@ -66,6 +66,16 @@ func (c *Conn) CallFor(ctx context.Context, op string, timeout time.Duration, fn
 		c.fail(op, err, true)
 	}
 	return err
+}
+
+// view returns the client whose socket deadlines are timeout, sharing the
+// connection pool.
+func (c *Conn) view(timeout time.Duration) *redis.Client {
+	if v, ok := c.views.Load(timeout); ok {
+		return v.(*redis.Client)
+	}
+	v, _ := c.views.LoadOrStore(timeout, c.client.WithTimeout(timeout))
+	return v.(*redis.Client)
 }
 
 // Available reports whether the breaker is closed: Calls reach Redis.

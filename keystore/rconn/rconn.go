@@ -102,6 +102,10 @@ type Conn struct {
 	now     func() time.Time
 	m       *metrics
 	ops     sync.Map // op name → *opMetrics
+	// views holds the clients with longer socket timeouts that CallFor
+	// uses (time.Duration → *redis.Client), made once per timeout: a
+	// view costs a dozen allocations, and a Settle calls it per request.
+	views sync.Map
 
 	open     atomic.Bool   // the breaker: true refuses every Call
 	failures atomic.Int32  // consecutive failed Calls

@@ -324,6 +324,14 @@ func TestCallFor(t *testing.T) {
 	if !h.Available() {
 		t.Error("breaker open after a CallFor that succeeded")
 	}
+	// The longer-timeout client is made once, not per call (a Settle per
+	// request uses it): CallFor allocates no more than Call.
+	noop := func(context.Context, *redis.Client) error { return nil }
+	call := testing.AllocsPerRun(100, func() { _ = h.Call(context.Background(), "noop", noop) })
+	callFor := testing.AllocsPerRun(100, func() { _ = h.CallFor(context.Background(), "noop", 10*time.Second, noop) })
+	if callFor > call {
+		t.Errorf("CallFor allocates %v per call, Call %v: the long-timeout client is made per call", callFor, call)
+	}
 	s.Pause()
 	defer s.Resume()
 	if _, err := h.ping("ping"); !rconn.IsUnavailable(err) {
