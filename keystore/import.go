@@ -219,8 +219,8 @@ func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey
 	}
 	slices.SortFunc(added, func(x, y *keyEntry) int { return strings.Compare(x.cur.ID, y.cur.ID) })
 	s.byID = mergeByID(s.byID, added)
+	s.idx.putAll(hashes) // the entries' cur: the index's copies
 	s.mu.Unlock()
-	s.idx.putAll(hashes)
 }
 
 // mergeByID returns the admin index old with the entries of add (sorted by

@@ -1,51 +1,49 @@
 package keystore
 
 import (
-	"bytes"
 	"encoding/binary"
+	"math"
 	"math/bits"
 	"slices"
 	"sort"
 	"sync/atomic"
 )
 
-// The hot-path index maps the SHA-256 of a secret to its *Key. It is split
-// into 1,024 shards by the first 10 bits of the hash; each shard is sorted by
-// hash, immutable, and published behind an atomic.Pointer. Lookup loads one
-// pointer and searches one shard: no lock, no allocation. An admin write
-// copies the one shard it changes and publishes the copy, so a revoked key is
-// refused from the next Lookup on; the copy is 39 bytes for each key of the
-// shard (about 40 KB at a million keys), which an fsync'd admin write does
-// not notice.
+// The hot-path index maps the SHA-256 of a secret to its Key, and it holds
+// the Keys themselves: each of its 1,024 shards (named by the hash's first
+// 10 bits) is an array of Keys sorted by hash, immutable, and published
+// behind an atomic.Pointer. Lookup loads one pointer and searches one
+// shard: no lock, no allocation. An admin write copies the one shard it
+// changes (144 bytes a key: about 140 KB at a million keys, which an
+// fsync'd admin write does not notice), publishes the copy, so that a
+// revoked key is refused from the next Lookup on, and points every moved
+// key's entry at its new place.
 //
-// At a million keys the index and the Keys are far larger than the caches,
-// and a Lookup costs about what its dependent reads from memory cost (a few
-// hundred nanoseconds each on a shared VM, the TLB miss included). The
-// layout keeps them to two, the slot and then the Key, where a binary search
-// over 65,536 shards of 40-byte entries made five or six:
+// At a million keys the Keys are far larger than the caches, and a Lookup
+// costs about what its dependent reads from main memory cost: about 200 ns
+// each on this project's shared VM, where a pointer chase through huge
+// pages finds no more than about 4 MiB of cache that stays ours. So the
+// layout makes one such read do:
 //
-//   - Few shards, so that the shard pointers and headers (56 KiB) stay in
-//     cache. Those of 65,536 shards took 2 MiB and cost a miss of their own
-//     on most Lookups.
-//   - A hash is cut in three (split): 10 bits name the shard, the next 62
-//     (pre) sit beside the key's pointer in a 16-byte slot, and the last 23
-//     bytes (tail) are kept apart. The search reads only slots, four to a
-//     cache line. The tail is read once, at the match, and the read of the
-//     Key does not wait for it, so their misses overlap.
-//   - Hashes are uniform, so the slot of pre is about n × pre / 2⁶⁴: the
-//     search starts there and walks to the right slot, adjacent in memory
-//     (the distance is about ½√n at most, typically: 16 slots at a million
-//     keys). After scanLimit steps it bisects, so that no part of the hash
-//     space costs more than a few dozen reads.
+//   - The Key carries its hash in its first 32 bytes, beside the ID and the
+//     times Lookup checks: the read that verifies a match also returns the
+//     key, where an index of (hash, pointer) entries made it two dependent
+//     reads, the entry and then the Key.
+//   - Each shard has a directory: the hash's bits after the shard's name a
+//     bucket of two to four keys on average, and the directory (four bytes
+//     for every two to four keys, read by every Lookup, so it tends to stay
+//     in cache) says where each bucket starts. A bucket is walked for
+//     scanLimit keys at most, then bisected, so that no part of the hash
+//     space costs more than a few dozen reads, however the hashes fall.
+//   - Few shards, so that the shard pointers and headers stay in cache.
 //
-// A key is returned only if all 256 bits of its hash match: shard, pre and
-// tail. Sorted arrays rather than maps: 39 bytes a key with no load-factor
-// slack, which the memory budget (300 bytes a key) needs.
+// A key is returned only if all 256 bits of its hash match. Sorted arrays
+// rather than a hash table: no load-factor slack, which the memory budget
+// (300 bytes a key) needs.
 const (
 	shardBits  = 10
 	shardCount = 1 << shardBits
-	tailSize   = hashSize - 9 // the hash's bytes 9 to 31
-	scanLimit  = 64           // slots walked from the interpolated guess before bisecting
+	scanLimit  = 64 // keys walked in a bucket before bisecting
 )
 
 // hashEntry is a key to publish under its hash (putAll).
@@ -54,17 +52,14 @@ type hashEntry struct {
 	key  *Key
 }
 
-// slot is a shard's entry without its tail.
-type slot struct {
-	pre uint64 // the hash's bits 10 to 71, left-aligned (see split)
-	key *Key
-}
-
-// shard is one shard's keys sorted by hash: slots[i] and tails[i] are the
-// same key. Immutable once published; a write publishes a new one.
+// shard is one shard's keys sorted by hash. Immutable once published; a
+// write publishes a new one.
 type shard struct {
-	slots []slot
-	tails [][tailSize]byte
+	keys []Key
+	// dir[b] is the first key of bucket b or a later one (see bucket);
+	// dir[len(dir)-1] is len(keys).
+	dir   []uint32
+	shift uint8
 }
 
 // hashIndex is the index. Its zero value is empty and ready to use.
@@ -72,142 +67,149 @@ type hashIndex struct {
 	shards [shardCount]atomic.Pointer[shard]
 }
 
-// split cuts h into its shard, its pre and its tail. Within a shard, (pre,
-// tail) sort as the whole hash does.
-func split(h *[hashSize]byte) (sh int, pre uint64, tail *[tailSize]byte) {
-	sh = int(binary.BigEndian.Uint16(h[0:]) >> (16 - shardBits))
-	pre = binary.BigEndian.Uint64(h[1:]) << (shardBits - 8)
-	return sh, pre, (*[tailSize]byte)(h[9:])
+func shardOf(h *[hashSize]byte) int { return int(binary.BigEndian.Uint16(h[0:]) >> (16 - shardBits)) }
+
+// bucket is h's bucket in sh: the hash's bits after the shard's, as many as
+// the directory has buckets.
+func (sh *shard) bucket(h *[hashSize]byte) uint64 {
+	return binary.BigEndian.Uint64(h[0:]) << shardBits >> sh.shift // 0 when shift is 64: one bucket
+}
+
+// dirSize is the length of the directory of n keys: a power of two buckets
+// (n/4 to n/2 of them, so two to four keys each), plus the end.
+func dirSize(n int) int { return 1<<bits.Len(uint(n)>>1) + 1 }
+
+// index builds sh's directory in dir, of dirSize(len(sh.keys)).
+func (sh *shard) index(dir []uint32) {
+	buckets := len(dir) - 1
+	sh.dir, sh.shift = dir, uint8(64-bits.TrailingZeros(uint(buckets)))
+	i := 0
+	for b := range buckets {
+		for i < len(sh.keys) && sh.bucket(&sh.keys[i].hash) < uint64(b) {
+			i++
+		}
+		dir[b] = uint32(i)
+	}
+	dir[buckets] = uint32(len(sh.keys))
 }
 
 // get returns the key whose secret hashes to h, or nil.
 func (x *hashIndex) get(h *[hashSize]byte) *Key {
-	s, pre, tail := split(h)
-	sh := x.shards[s].Load()
+	sh := x.shards[shardOf(h)].Load()
 	if sh == nil {
 		return nil
 	}
-	for i := seek(sh.slots, pre); i < len(sh.slots) && sh.slots[i].pre == pre; i++ {
-		if sh.tails[i] == *tail {
-			return sh.slots[i].key
-		}
+	if i, ok := sh.find(h); ok {
+		return &sh.keys[i]
 	}
 	return nil
 }
 
-// find returns where the hash of pre and tail is, or would go, in sh, and
-// whether it is there.
-func (sh *shard) find(pre uint64, tail *[tailSize]byte) (int, bool) {
-	i := seek(sh.slots, pre)
-	for ; i < len(sh.slots) && sh.slots[i].pre == pre; i++ {
-		if c := cmpTail(&sh.tails[i], tail); c >= 0 {
-			return i, c == 0
+// find returns where h is, or would go, in sh, and whether it is there. It
+// walks h's bucket from its start for at most scanLimit keys and bisects
+// what is left of it.
+func (sh *shard) find(h *[hashSize]byte) (int, bool) {
+	if len(sh.keys) == 0 {
+		return 0, false
+	}
+	b := sh.bucket(h)
+	lo, end := int(sh.dir[b]), int(sh.dir[b+1])
+	ks := sh.keys[:end]
+	for stop := min(end, lo+scanLimit); lo < stop; lo++ {
+		if c := cmpHash(&ks[lo].hash, h); c >= 0 {
+			return lo, c == 0
 		}
 	}
-	return i, false
-}
-
-// seek returns the first i with ss[i].pre >= pre, or len(ss). It starts at
-// the slot pre would have if the shard's hashes were evenly spaced, walks
-// at most scanLimit slots from there, and bisects what is left.
-func seek(ss []slot, pre uint64) int {
-	n := len(ss)
-	if n == 0 {
-		return 0
-	}
-	g, _ := bits.Mul64(pre, uint64(n)) // ⌊n × pre / 2⁶⁴⌋ < n
-	lo, hi := 0, n
-	if i := int(g); ss[i].pre < pre {
-		// The answer is right of i: ss[lo-1].pre < pre throughout.
-		for lo = i + 1; lo < min(n, i+1+scanLimit); lo++ {
-			if ss[lo].pre >= pre {
-				return lo
-			}
-		}
-	} else {
-		// The answer is i or left of it: ss[hi].pre >= pre throughout.
-		for hi = i; hi > max(0, i-scanLimit); hi-- {
-			if ss[hi-1].pre < pre {
-				return hi
-			}
-		}
-	}
+	hi := end
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
-		if ss[m].pre < pre {
+		if cmpHash(&ks[m].hash, h) < 0 {
 			lo = m + 1
 		} else {
 			hi = m
 		}
 	}
-	return lo
+	return lo, lo < end && ks[lo].hash == *h
 }
 
-// put publishes k under h, replacing the key there if any. Writers are
-// serialised by the caller (Store.wmu).
+// publish makes ks (sorted by hash, all of shard s) the shard, and points
+// each key's entry at its new place. The caller holds Store.mu for
+// writing, which guards keyEntry.cur, and Store.wmu.
+func (x *hashIndex) publish(s int, ks []Key) {
+	sh := &shard{keys: ks}
+	sh.index(make([]uint32, dirSize(len(ks))))
+	repoint(ks)
+	x.shards[s].Store(sh)
+}
+
+// repoint points the entry of each key in ks at it.
+func repoint(ks []Key) {
+	for i := range ks {
+		if e := ks[i].entry; e != nil {
+			e.cur = &ks[i]
+		}
+	}
+}
+
+// put publishes a copy of k under h, replacing the key there if any. The
+// caller holds Store.mu for writing and Store.wmu (see publish): k's entry,
+// and those of the keys that move with it, point at the copies when put
+// returns.
 func (x *hashIndex) put(h [hashSize]byte, k *Key) {
-	s, pre, tail := split(&h)
-	p := &x.shards[s]
-	old := p.Load()
+	s := shardOf(&h)
+	old := x.shards[s].Load()
 	if old == nil {
 		old = &shard{}
 	}
-	i, found := old.find(pre, tail)
+	i, found := old.find(&h)
+	rest := old.keys[i:]
 	if found {
-		// The tails are unchanged: share them.
-		ss := slices.Clone(old.slots)
-		ss[i].key = k
-		p.Store(&shard{slots: ss, tails: old.tails})
-		return
+		rest = rest[1:]
 	}
-	n := len(old.slots) + 1
-	ss, ts := make([]slot, n), make([][tailSize]byte, n)
-	copy(ss, old.slots[:i])
-	copy(ts, old.tails[:i])
-	ss[i], ts[i] = slot{pre: pre, key: k}, *tail
-	copy(ss[i+1:], old.slots[i:])
-	copy(ts[i+1:], old.tails[i:])
-	p.Store(&shard{slots: ss, tails: ts})
+	ks := make([]Key, i+1+len(rest))
+	copy(ks, old.keys[:i])
+	ks[i] = *k
+	ks[i].hash = h
+	copy(ks[i+1:], rest)
+	x.publish(s, ks)
 }
 
-// putAll publishes many keys at once (Import, mirroring): each shard they
-// touch is copied once. es is sorted in place. Its callers never pass a hash
-// twice (each entry is a distinct key); if one did, the index would hold one
-// of its keys, either. Writers are serialised by the caller.
+// putAll publishes copies of many keys at once (Import, mirroring): each
+// shard they touch is copied once. es is sorted in place. Its callers never
+// pass a hash twice (each entry is a distinct key); if one did, the index
+// would hold one of its keys, either. The caller holds what put needs.
 func (x *hashIndex) putAll(es []hashEntry) {
 	slices.SortFunc(es, func(a, b hashEntry) int { return cmpHash(&a.hash, &b.hash) })
 	for lo := 0; lo < len(es); {
-		s, _, _ := split(&es[lo].hash)
+		s := shardOf(&es[lo].hash)
 		hi := lo + 1
-		for hi < len(es) && shardOfHash(&es[hi].hash) == s {
+		for hi < len(es) && shardOf(&es[hi].hash) == s {
 			hi++
 		}
-		p := &x.shards[s]
-		old := p.Load()
-		if old == nil {
-			old = &shard{}
+		var old []Key
+		if sh := x.shards[s].Load(); sh != nil {
+			old = sh.keys
 		}
 		// Merge two sorted lists; a hash in both takes the new key, as put.
-		n := len(old.slots) + hi - lo
-		ss, ts := make([]slot, 0, n), make([][tailSize]byte, 0, n)
+		ks := make([]Key, 0, len(old)+hi-lo)
 		i := 0
 		for j := lo; j < hi; j++ {
-			_, pre, tail := split(&es[j].hash)
-			for i < len(old.slots) && cmpSlot(old.slots[i].pre, &old.tails[i], pre, tail) < 0 {
-				ss, ts = append(ss, old.slots[i]), append(ts, old.tails[i])
+			h := &es[j].hash
+			for i < len(old) && cmpHash(&old[i].hash, h) < 0 {
+				ks = append(ks, old[i])
 				i++
 			}
-			if i < len(old.slots) && old.slots[i].pre == pre && old.tails[i] == *tail {
+			if i < len(old) && old[i].hash == *h {
 				i++
 			}
-			if m := len(ss); m > 0 && ss[m-1].pre == pre && ts[m-1] == *tail {
-				ss[m-1].key = es[j].key // the same hash twice in es: keep one
-				continue
+			if m := len(ks); m > 0 && ks[m-1].hash == *h {
+				ks = ks[:m-1] // the same hash twice in es: keep one
 			}
-			ss, ts = append(ss, slot{pre: pre, key: es[j].key}), append(ts, *tail)
+			ks = append(ks, *es[j].key)
+			ks[len(ks)-1].hash = *h
 		}
-		ss, ts = append(ss, old.slots[i:]...), append(ts, old.tails[i:]...)
-		p.Store(&shard{slots: ss, tails: ts})
+		ks = append(ks, old[i:]...)
+		x.publish(s, ks)
 		lo = hi
 	}
 }
@@ -220,17 +222,26 @@ type pendingHash struct {
 	ord  uint32
 }
 
-// build publishes the index of keys at once (Open); ph[i].ord indexes keys.
-// Entries are sorted by their first two bytes with two 256-way radix
-// passes, each writing 256 sequential streams that stay in cache (a direct
-// 65,536-way scatter misses the cache on nearly every write), then each run
-// of equal first two bytes (about 15 entries at a million keys) is sorted,
-// and the sorted whole is cut into shards. Every shard is a window of the
-// same two arrays.
+// moved marks a pendingHash whose key build has put in its place.
+const moved = math.MaxUint32
+
+// build publishes the index of keys at once (Open): ph[i] is the hash of
+// keys[ph[i].ord], and there are fewer than 2³² keys. It sorts keys into
+// hash order in place, so that every shard is a window of that one slab
+// (read by every Lookup: the caller advises it onto huge pages), and
+// points every key's entry at its new place. No other goroutine may see the
+// index, the keys or their entries yet.
+//
+// ph is sorted by its first two bytes with two 256-way radix passes, each
+// writing 256 sequential streams that stay in cache (a direct 65,536-way
+// scatter misses the cache on nearly every write), then each run of equal
+// first two bytes (about 15 entries at a million keys) is sorted. The keys
+// then move along the cycles of that permutation, each once.
 func (x *hashIndex) build(ph []pendingHash, keys []Key) {
 	tmp := make([]pendingHash, len(ph))
 	radixPass(tmp, ph, 1)
 	radixPass(ph, tmp, 0)
+	tmp = nil
 	for lo := 0; lo < len(ph); {
 		hi := lo + 1
 		for hi < len(ph) && ph[hi].hash[0] == ph[lo].hash[0] && ph[hi].hash[1] == ph[lo].hash[1] {
@@ -239,22 +250,51 @@ func (x *hashIndex) build(ph []pendingHash, keys []Key) {
 		slices.SortFunc(ph[lo:hi], func(a, b pendingHash) int { return cmpHash(&a.hash, &b.hash) })
 		lo = hi
 	}
-	ss, ts := make([]slot, len(ph)), make([][tailSize]byte, len(ph))
-	hugePages(ss)
-	hugePages(ts)
-	for i := range ph {
-		_, pre, tail := split(&ph[i].hash)
-		ss[i], ts[i] = slot{pre: pre, key: &keys[ph[i].ord]}, *tail
-	}
-	shards := make([]shard, shardCount)
-	for lo := 0; lo < len(ph); {
-		s := shardOfHash(&ph[lo].hash)
-		hi := lo + 1
-		for hi < len(ph) && shardOfHash(&ph[hi].hash) == s {
-			hi++
+	for start := range ph {
+		if ph[start].ord == moved {
+			continue
 		}
-		shards[s] = shard{slots: ss[lo:hi:hi], tails: ts[lo:hi:hi]}
-		x.shards[s].Store(&shards[s])
+		held := keys[start]
+		j := start
+		for {
+			from := int(ph[j].ord)
+			ph[j].ord = moved
+			if from == start {
+				keys[j] = held
+				break
+			}
+			keys[j] = keys[from]
+			j = from
+		}
+	}
+	for i := range ph {
+		keys[i].hash = ph[i].hash
+	}
+	repoint(keys)
+
+	var ends [shardCount]int // ends[s]: one past shard s's last key
+	for i := range keys {
+		ends[shardOf(&keys[i].hash)] = i + 1
+	}
+	lo, dirs := 0, 0
+	for s := range ends {
+		ends[s] = max(ends[s], lo) // an empty shard ends where the one before did
+		if ends[s] > lo {
+			dirs += dirSize(ends[s] - lo)
+		}
+		lo = ends[s]
+	}
+	shards, dir := make([]shard, shardCount), make([]uint32, dirs)
+	lo = 0
+	for s, hi := range ends {
+		if hi > lo {
+			sh := &shards[s]
+			sh.keys = keys[lo:hi:hi]
+			n := dirSize(hi - lo)
+			sh.index(dir[:n:n])
+			dir = dir[n:]
+			x.shards[s].Store(sh)
+		}
 		lo = hi
 	}
 }
@@ -275,11 +315,6 @@ func radixPass(dst, src []pendingHash, b int) {
 	}
 }
 
-func shardOfHash(h *[hashSize]byte) int {
-	s, _, _ := split(h)
-	return s
-}
-
 func cmpHash(a, b *[hashSize]byte) int {
 	for i := 0; i < hashSize; i += 8 {
 		x, y := binary.BigEndian.Uint64(a[i:]), binary.BigEndian.Uint64(b[i:])
@@ -292,19 +327,6 @@ func cmpHash(a, b *[hashSize]byte) int {
 	}
 	return 0
 }
-
-// cmpSlot compares two hashes of the same shard by their pre and tail.
-func cmpSlot(apre uint64, atail *[tailSize]byte, bpre uint64, btail *[tailSize]byte) int {
-	if apre != bpre {
-		if apre < bpre {
-			return -1
-		}
-		return 1
-	}
-	return cmpTail(atail, btail)
-}
-
-func cmpTail(a, b *[tailSize]byte) int { return bytes.Compare(a[:], b[:]) }
 
 // The admin index: every key's entry sorted by key ID, guarded by Store.mu.
 // A sorted slice (8 bytes a key) rather than a map (about 40): Open builds it

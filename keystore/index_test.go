@@ -12,18 +12,19 @@ import (
 	"testing"
 )
 
-// joinHash is split's inverse: the hash a slot of shard s stands for.
-func joinHash(s int, pre uint64, tail *[tailSize]byte) [hashSize]byte {
+// hashWith returns a hash in shard s whose next 54 bits are the top bits of
+// mid, whose last byte is last, and whose other bytes are zero.
+func hashWith(s int, mid uint64, last byte) [hashSize]byte {
 	var h [hashSize]byte
-	binary.BigEndian.PutUint64(h[0:], uint64(s)<<(64-shardBits)|pre>>shardBits)
-	h[8] = byte(pre >> (shardBits - 8))
-	copy(h[9:], tail[:])
+	binary.BigEndian.PutUint64(h[0:], uint64(s)<<(64-shardBits)|mid>>shardBits)
+	h[hashSize-1] = last
 	return h
 }
 
-// checkIndex fails t unless x holds exactly want, every shard sorted
-// strictly by hash, and every hash in its own shard.
-func checkIndex(t *testing.T, x *hashIndex, want map[[hashSize]byte]*Key) {
+// checkIndex fails t unless x holds exactly want (hash → key ID): every
+// shard sorted strictly by hash, every hash in its own shard, every
+// directory right, and every key that has an entry its entry's cur.
+func checkIndex(t *testing.T, x *hashIndex, want map[[hashSize]byte]string) {
 	t.Helper()
 	n := 0
 	for s := range x.shards {
@@ -31,24 +32,20 @@ func checkIndex(t *testing.T, x *hashIndex, want map[[hashSize]byte]*Key) {
 		if sh == nil {
 			continue
 		}
-		if len(sh.slots) != len(sh.tails) {
-			t.Fatalf("shard %d: %d slots, %d tails", s, len(sh.slots), len(sh.tails))
-		}
-		var prev [hashSize]byte
-		for i := range sh.slots {
-			h := joinHash(s, sh.slots[i].pre, &sh.tails[i])
-			if got, _, _ := split(&h); got != s {
-				t.Fatalf("shard %d holds %x, of shard %d", s, h, got)
+		checkDir(t, sh)
+		for i := range sh.keys {
+			k := &sh.keys[i]
+			if got := shardOf(&k.hash); got != s {
+				t.Fatalf("shard %d holds %x, of shard %d", s, k.hash, got)
 			}
-			if sh.slots[i].pre&(1<<(shardBits-8)-1) != 0 {
-				t.Fatalf("shard %d slot %d: pre %#x has its unused low bits set", s, i, sh.slots[i].pre)
+			if i > 0 && cmpHash(&sh.keys[i-1].hash, &k.hash) >= 0 {
+				t.Fatalf("shard %d: %x then %x: not strictly sorted", s, sh.keys[i-1].hash, k.hash)
 			}
-			if i > 0 && cmpHash(&prev, &h) >= 0 {
-				t.Fatalf("shard %d: %x then %x: not strictly sorted", s, prev, h)
+			if id, ok := want[k.hash]; !ok || id != k.ID {
+				t.Fatalf("shard %d holds %x → key %q; want %q (present %v)", s, k.hash, k.ID, id, ok)
 			}
-			prev = h
-			if k, ok := want[h]; !ok || k != sh.slots[i].key {
-				t.Fatalf("shard %d holds %x → %p; want %p (present %v)", s, h, sh.slots[i].key, k, ok)
+			if k.entry != nil && k.entry.cur != k {
+				t.Fatalf("key %q: its entry points at %p, not at the index's %p", k.ID, k.entry.cur, k)
 			}
 			n++
 		}
@@ -56,10 +53,28 @@ func checkIndex(t *testing.T, x *hashIndex, want map[[hashSize]byte]*Key) {
 	if n != len(want) {
 		t.Fatalf("index holds %d keys, want %d", n, len(want))
 	}
-	for h, k := range want {
-		if got := x.get(&h); got != k {
-			t.Fatalf("get(%x) = %p, want %p", h, got, k)
+	for h, id := range want {
+		if got := x.get(&h); got == nil || got.ID != id || got.hash != h {
+			t.Fatalf("get(%x) = %+v, want key %q", h, got, id)
 		}
+	}
+}
+
+// checkDir fails t unless sh's directory is the one its keys call for.
+func checkDir(t *testing.T, sh *shard) {
+	t.Helper()
+	n := len(sh.keys)
+	if len(sh.dir) != dirSize(n) || 1<<(64-int(sh.shift)) != len(sh.dir)-1 {
+		t.Fatalf("%d keys: a directory of %d with shift %d, want %d entries", n, len(sh.dir), sh.shift, dirSize(n))
+	}
+	for b := range len(sh.dir) - 1 {
+		want := sort.Search(n, func(i int) bool { return sh.bucket(&sh.keys[i].hash) >= uint64(b) })
+		if int(sh.dir[b]) != want {
+			t.Fatalf("%d keys: bucket %d starts at %d, want %d", n, b, sh.dir[b], want)
+		}
+	}
+	if int(sh.dir[len(sh.dir)-1]) != n {
+		t.Fatalf("%d keys: the directory ends at %d", n, sh.dir[len(sh.dir)-1])
 	}
 }
 
@@ -71,50 +86,17 @@ func randHash(r *rand.Rand) [hashSize]byte {
 	return h
 }
 
-// hashWith returns a hash in shard s with the given pre and a tail whose
-// last byte is last.
-func hashWith(s int, pre uint64, last byte) [hashSize]byte {
-	var tail [tailSize]byte
-	tail[tailSize-1] = last
-	return joinHash(s, pre&^(1<<(shardBits-8)-1), &tail)
-}
-
-func TestSplitJoin(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, 2))
-	for range 1000 {
-		h := randHash(r)
-		s, pre, tail := split(&h)
-		if s < 0 || s >= shardCount {
-			t.Fatalf("split(%x): shard %d", h, s)
-		}
-		if got := joinHash(s, pre, tail); got != h {
-			t.Fatalf("joinHash(split(%x)) = %x", h, got)
-		}
-	}
-	// Within a shard, (pre, tail) order is the hash's order.
-	for range 1000 {
-		a, b := randHash(r), randHash(r)
-		b[0], b[1] = a[0], a[1]
-		_, apre, atail := split(&a)
-		_, bpre, btail := split(&b)
-		if got, want := cmpSlot(apre, atail, bpre, btail), cmpHash(&a, &b); got != want {
-			t.Fatalf("cmpSlot(%x, %x) = %d, cmpHash = %d", a, b, got, want)
-		}
-	}
-}
-
 // Every bit of the hash counts: a hash one bit away from a stored one is
 // not found, wherever the bit is.
 func TestIndexComparesAllBits(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	x := new(hashIndex)
-	want := map[[hashSize]byte]*Key{}
+	want := map[[hashSize]byte]string{}
 	var stored [][hashSize]byte
 	for i := range 3000 {
 		h := randHash(r)
-		k := &Key{ID: strconv.Itoa(i)}
-		x.put(h, k)
-		want[h] = k
+		x.put(h, &Key{ID: strconv.Itoa(i)})
+		want[h] = strconv.Itoa(i)
 		stored = append(stored, h)
 	}
 	checkIndex(t, x, want)
@@ -133,9 +115,8 @@ func TestIndexComparesAllBits(t *testing.T) {
 }
 
 func TestIndexEdges(t *testing.T) {
-	k1, k2, k3 := &Key{ID: "k1"}, &Key{ID: "k2"}, &Key{ID: "k3"}
 	const s = 777
-	maxPre := ^uint64(0)
+	maxMid := ^uint64(0)
 	tests := []struct {
 		name   string
 		puts   [][hashSize]byte
@@ -143,25 +124,25 @@ func TestIndexEdges(t *testing.T) {
 	}{
 		{
 			name:   "empty",
-			absent: [][hashSize]byte{{}, hashWith(s, 1<<63, 1), hashWith(shardCount-1, maxPre, 0xff)},
+			absent: [][hashSize]byte{{}, hashWith(s, 1<<63, 1), hashWith(shardCount-1, maxMid, 0xff)},
 		},
 		{
 			name:   "one entry",
 			puts:   [][hashSize]byte{hashWith(s, 1<<62, 5)},
-			absent: [][hashSize]byte{hashWith(s, 1<<62, 4), hashWith(s, 1<<62, 6), hashWith(s, 0, 5), hashWith(s, maxPre, 5), hashWith(s+1, 1<<62, 5), hashWith(s-1, 1<<62, 5)},
+			absent: [][hashSize]byte{hashWith(s, 1<<62, 4), hashWith(s, 1<<62, 6), hashWith(s, 0, 5), hashWith(s, maxMid, 5), hashWith(s+1, 1<<62, 5), hashWith(s-1, 1<<62, 5)},
 		},
 		{
-			name:   "ends of the pre range",
-			puts:   [][hashSize]byte{hashWith(s, 0, 0), hashWith(s, 0, 1), hashWith(s, maxPre, 0xfe), hashWith(s, maxPre, 0xff)},
-			absent: [][hashSize]byte{hashWith(s, 0, 2), hashWith(s, maxPre, 0xfd), hashWith(s, 1<<63, 0)},
+			name:   "ends of the shard's hashes",
+			puts:   [][hashSize]byte{hashWith(s, 0, 0), hashWith(s, 0, 1), hashWith(s, maxMid, 0xfe), hashWith(s, maxMid, 0xff)},
+			absent: [][hashSize]byte{hashWith(s, 0, 2), hashWith(s, maxMid, 0xfd), hashWith(s, 1<<63, 0)},
 		},
 		{
-			name:   "ends of the shard range",
+			name:   "first and last shards",
 			puts:   [][hashSize]byte{hashWith(0, 1<<40, 1), hashWith(shardCount-1, 1<<40, 1)},
 			absent: [][hashSize]byte{hashWith(1, 1<<40, 1), hashWith(shardCount-2, 1<<40, 1)},
 		},
 		{
-			name: "same pre, tails differ",
+			name: "one bucket, differing in the last byte",
 			puts: [][hashSize]byte{
 				hashWith(s, 12345<<20, 9), hashWith(s, 12345<<20, 3), hashWith(s, 12345<<20, 200), hashWith(s, 12345<<20, 0),
 			},
@@ -172,7 +153,7 @@ func TestIndexEdges(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			for _, how := range []string{"put", "putAll", "build"} {
 				x := new(hashIndex)
-				want := map[[hashSize]byte]*Key{}
+				want := map[[hashSize]byte]string{}
 				var (
 					es   []hashEntry
 					ph   []pendingHash
@@ -180,7 +161,7 @@ func TestIndexEdges(t *testing.T) {
 				)
 				for i, h := range tt.puts {
 					keys[i].ID = strconv.Itoa(i)
-					want[h] = &keys[i]
+					want[h] = keys[i].ID
 					es = append(es, hashEntry{hash: h, key: &keys[i]})
 					ph = append(ph, pendingHash{hash: h, ord: uint32(i)})
 					if how == "put" {
@@ -203,110 +184,162 @@ func TestIndexEdges(t *testing.T) {
 		})
 	}
 
-	t.Run("put replaces", func(t *testing.T) {
+	t.Run("put replaces, copy on write", func(t *testing.T) {
 		x := new(hashIndex)
 		a, b := hashWith(s, 1<<60, 1), hashWith(s, 1<<61, 1)
-		x.put(a, k1)
-		x.put(b, k2)
+		x.put(a, &Key{ID: "k1"})
+		x.put(b, &Key{ID: "k2"})
 		before := x.shards[s].Load()
-		x.put(a, k3)
-		checkIndex(t, x, map[[hashSize]byte]*Key{a: k3, b: k2})
-		if before.slots[0].key != k1 {
-			t.Errorf("the published shard changed: copy-on-write broken")
+		held := x.get(&a) // as a Check holds it
+		x.put(a, &Key{ID: "k3"})
+		checkIndex(t, x, map[[hashSize]byte]string{a: "k3", b: "k2"})
+		if before.keys[0].ID != "k1" || held.ID != "k1" {
+			t.Errorf("the published shard changed: copy on write broken")
 		}
 	})
 
 	t.Run("putAll replaces", func(t *testing.T) {
 		x := new(hashIndex)
 		a, b, c := hashWith(s, 1<<60, 1), hashWith(s, 1<<61, 1), hashWith(s+1, 1<<61, 1)
-		x.put(a, k1)
-		x.putAll([]hashEntry{{hash: b, key: k1}, {hash: a, key: k2}, {hash: c, key: k1}})
-		checkIndex(t, x, map[[hashSize]byte]*Key{a: k2, b: k1, c: k1})
+		x.put(a, &Key{ID: "k1"})
+		x.putAll([]hashEntry{{hash: b, key: &Key{ID: "k1"}}, {hash: a, key: &Key{ID: "k2"}}, {hash: c, key: &Key{ID: "k1"}}})
+		checkIndex(t, x, map[[hashSize]byte]string{a: "k2", b: "k1", c: "k1"})
 	})
 
 	t.Run("putAll given a hash twice keeps one", func(t *testing.T) {
 		x := new(hashIndex)
 		a, b := hashWith(s, 1<<60, 1), hashWith(s, 1<<61, 1)
-		x.put(a, k1)
-		x.putAll([]hashEntry{{hash: b, key: k2}, {hash: a, key: k2}, {hash: b, key: k3}})
+		x.put(a, &Key{ID: "k1"})
+		x.putAll([]hashEntry{{hash: b, key: &Key{ID: "k2"}}, {hash: a, key: &Key{ID: "k2"}}, {hash: b, key: &Key{ID: "k3"}}})
 		got := x.get(&b)
-		if got != k2 && got != k3 {
-			t.Fatalf("get = %p, want k2 %p or k3 %p", got, k2, k3)
+		if got == nil || got.ID != "k2" && got.ID != "k3" {
+			t.Fatalf("get = %+v, want k2 or k3", got)
 		}
-		checkIndex(t, x, map[[hashSize]byte]*Key{a: k2, b: got})
+		checkIndex(t, x, map[[hashSize]byte]string{a: "k2", b: got.ID})
 	})
 }
 
-// Every hash in one shard with one pre: the interpolated guess is useless
-// and the search is a walk over tails.
-func TestIndexAllSamePre(t *testing.T) {
+// Every hash in one shard with the same first 8 bytes: one bucket holds
+// them all, and the search walks scanLimit keys, then bisects.
+func TestIndexOneBucket(t *testing.T) {
 	x := new(hashIndex)
-	want := map[[hashSize]byte]*Key{}
+	want := map[[hashSize]byte]string{}
 	r := rand.New(rand.NewPCG(5, 6))
 	for i := range 300 {
-		var tail [tailSize]byte
-		binary.BigEndian.PutUint64(tail[tailSize-8:], r.Uint64())
-		h := joinHash(42, 0xdead_beef<<32, &tail)
-		k := &Key{ID: strconv.Itoa(i)}
-		x.put(h, k)
-		want[h] = k
+		h := hashWith(42, 0xdead_beef<<32, 0)
+		binary.BigEndian.PutUint64(h[hashSize-8:], r.Uint64()>>1)
+		x.put(h, &Key{ID: strconv.Itoa(i)})
+		want[h] = strconv.Itoa(i)
 	}
 	checkIndex(t, x, want)
-	var tail [tailSize]byte
-	tail[0] = 1 // above every stored tail
-	if h := joinHash(42, 0xdead_beef<<32, &tail); x.get(&h) != nil {
+	h := hashWith(42, 0xdead_beef<<32, 0)
+	h[hashSize-8] = 0x80 // above every stored hash
+	if x.get(&h) != nil {
 		t.Error("found a hash never stored")
 	}
 }
 
-// seek agrees with a plain binary search, on evenly spread shards (where
-// the guess is close) and on lopsided ones (where the walk gives up and
-// bisects, to either side).
-func TestSeek(t *testing.T) {
+// find agrees with a plain binary search, on evenly spread shards (where a
+// bucket holds a few keys) and on lopsided ones (where one holds hundreds,
+// and the walk gives up and bisects).
+func TestFind(t *testing.T) {
 	r := rand.New(rand.NewPCG(7, 8))
 	spreads := []struct {
 		name string
-		pre  func() uint64
+		mid  func() uint64
 	}{
 		{"uniform", r.Uint64},
-		{"low", func() uint64 { return r.Uint64N(1 << 20) }},
-		{"high", func() uint64 { return ^r.Uint64N(1 << 20) }},
-		{"middle", func() uint64 { return 1<<63 + r.Uint64N(1000) }},
+		{"low", func() uint64 { return r.Uint64N(1 << 30) }},
+		{"high", func() uint64 { return ^r.Uint64N(1 << 30) }},
+		{"middle", func() uint64 { return 1<<63 + r.Uint64N(1<<20) }},
 		{"few values", func() uint64 { return r.Uint64N(4) << 62 }},
 	}
 	for _, sp := range spreads {
-		for _, n := range []int{0, 1, 2, 3, scanLimit - 1, scanLimit, scanLimit + 1, 500, 5000} {
-			ss := make([]slot, n)
-			for i := range ss {
-				ss[i].pre = sp.pre()
-			}
-			slices.SortFunc(ss, func(a, b slot) int {
-				if a.pre < b.pre {
-					return -1
-				} else if a.pre > b.pre {
-					return 1
+		for _, n := range []int{0, 1, 2, 3, 7, 8, 9, scanLimit - 1, scanLimit, scanLimit + 1, 500, 5000} {
+			seen := map[[hashSize]byte]bool{}
+			var ks []Key
+			for len(ks) < n {
+				h := hashWith(3, sp.mid(), byte(r.IntN(256)))
+				binary.BigEndian.PutUint16(h[8:], uint16(r.IntN(64))) // room for 5,000 under few values
+				if !seen[h] {
+					seen[h] = true
+					ks = append(ks, Key{hash: h})
 				}
-				return 0
-			})
-			targets := []uint64{0, 1, ^uint64(0), ^uint64(0) - 1, 1 << 63}
+			}
+			slices.SortFunc(ks, func(a, b Key) int { return cmpHash(&a.hash, &b.hash) })
+			sh := &shard{keys: ks}
+			sh.index(make([]uint32, dirSize(n)))
+			checkDir(t, sh)
+			targets := [][hashSize]byte{hashWith(3, 0, 0), hashWith(3, ^uint64(0), 0xff), hashWith(3, 1<<63, 0)}
 			for range 200 {
-				targets = append(targets, sp.pre(), r.Uint64())
+				targets = append(targets, hashWith(3, sp.mid(), byte(r.IntN(256))), hashWith(3, r.Uint64(), 0))
 			}
-			for _, s := range ss {
-				targets = append(targets, s.pre, s.pre-1, s.pre+1)
+			for _, k := range ks {
+				up, down := k.hash, k.hash
+				up[hashSize-1]++
+				down[hashSize-1]--
+				targets = append(targets, k.hash, up, down)
 			}
-			for _, pre := range targets {
-				want := sort.Search(n, func(i int) bool { return ss[i].pre >= pre })
-				if got := seek(ss, pre); got != want {
-					t.Fatalf("%s, n=%d: seek(%#x) = %d, want %d", sp.name, n, pre, got, want)
+			for _, h := range targets {
+				want := sort.Search(n, func(i int) bool { return cmpHash(&ks[i].hash, &h) >= 0 })
+				wantOK := want < n && ks[want].hash == h
+				if got, ok := sh.find(&h); got != want || ok != wantOK {
+					t.Fatalf("%s, n=%d: find(%x) = %d, %v; want %d, %v", sp.name, n, h, got, ok, want, wantOK)
 				}
 			}
 		}
 	}
 }
 
+// A write moves the keys of its shard: every key's entry follows it, and a
+// key held from before still reads as it did.
+func TestIndexRepointsEntries(t *testing.T) {
+	r := rand.New(rand.NewPCG(12, 13))
+	const n = 2000
+	x := new(hashIndex)
+	keys := make([]Key, n)
+	entries := make([]keyEntry, n)
+	ph := make([]pendingHash, n)
+	want := map[[hashSize]byte]string{}
+	for i := range keys {
+		keys[i] = Key{ID: strconv.Itoa(i), entry: &entries[i]}
+		entries[i].cur = &keys[i]
+		ph[i] = pendingHash{hash: randHash(r), ord: uint32(i)}
+		ph[i].hash[0] = byte(i % 2) // crowd a few shards
+		want[ph[i].hash] = keys[i].ID
+	}
+	hashes := make([][hashSize]byte, n)
+	for i := range ph {
+		hashes[i] = ph[i].hash
+	}
+	x.build(ph, keys)
+	checkIndex(t, x, want)
+	for i := range entries {
+		if got := x.get(&hashes[i]); entries[i].cur != got || got.entry != &entries[i] {
+			t.Fatalf("after build, entry %d points at %p, the index holds %p", i, entries[i].cur, got)
+		}
+	}
+	held := x.get(&hashes[0])
+	e := &keyEntry{}
+	h := hashes[0]
+	h[hashSize-1] ^= 1
+	x.put(h, &Key{ID: "new", entry: e})
+	want[h] = "new"
+	x.putAll([]hashEntry{{hash: hashes[1], key: &Key{ID: "1", entry: &entries[1], revokedAt: 7}}})
+	checkIndex(t, x, want)
+	if e.cur == nil || e.cur != x.get(&h) {
+		t.Fatalf("the new key's entry points at %p, the index holds %p", e.cur, x.get(&h))
+	}
+	if k := entries[1].cur; k.revokedAt != 7 || k != x.get(&hashes[1]) {
+		t.Fatalf("the replaced key's entry points at %+v", k)
+	}
+	if held.ID != "0" || held.hash != hashes[0] {
+		t.Fatalf("a key held across writes reads %q %x", held.ID, held.hash)
+	}
+}
+
 // The index against a map, through any mix of put, putAll and build, on
-// hashes crowded into a few shards and pres so that every path is taken.
+// hashes crowded into a few shards and buckets so that every path is taken.
 func TestIndexMatchesMap(t *testing.T) {
 	for seed := range uint64(20) {
 		indexAgainstMap(t, rand.New(rand.NewPCG(seed, 99)), 400)
@@ -324,8 +357,8 @@ func FuzzIndexMatchesMap(f *testing.F) {
 
 func indexAgainstMap(t *testing.T, r *rand.Rand, ops int) {
 	t.Helper()
-	// A pool of distinct hashes with shared shards, shared pres and shared
-	// tails.
+	// A pool of distinct hashes with shared shards, shared buckets and
+	// shared last bytes.
 	var pool [][hashSize]byte
 	seen := map[[hashSize]byte]bool{}
 	for len(pool) < 64 {
@@ -350,7 +383,7 @@ func indexAgainstMap(t *testing.T, r *rand.Rand, ops int) {
 		}
 	}
 	x := new(hashIndex)
-	want := map[[hashSize]byte]*Key{}
+	want := map[[hashSize]byte]string{}
 	for op := range ops {
 		switch r.IntN(10) {
 		case 0: // Open: a new index of the map's keys
@@ -358,30 +391,31 @@ func indexAgainstMap(t *testing.T, r *rand.Rand, ops int) {
 			var ph []pendingHash
 			for h := range want {
 				ph = append(ph, pendingHash{hash: h, ord: uint32(len(keys))})
-				keys = append(keys, Key{ID: "built" + strconv.Itoa(op)})
+				keys = append(keys, Key{ID: fmt.Sprintf("built%d-%d", op, len(keys))})
+			}
+			for _, p := range ph {
+				want[p.hash] = keys[p.ord].ID
 			}
 			x = new(hashIndex)
 			x.build(ph, keys)
-			for _, p := range ph {
-				want[p.hash] = &keys[p.ord]
-			}
 		case 1, 2: // Import or mirroring: distinct hashes, as its callers pass
 			var es []hashEntry
 			for i, p := range r.Perm(len(pool))[:r.IntN(10)] {
 				es = append(es, hashEntry{hash: pool[p], key: &Key{ID: strconv.Itoa(op*100 + i)}})
-				want[pool[p]] = es[i].key
+				want[pool[p]] = es[i].key.ID
 			}
 			x.putAll(es)
 		default:
-			h, k := pool[r.IntN(len(pool))], &Key{ID: strconv.Itoa(op)}
-			x.put(h, k)
-			want[h] = k
+			h, id := pool[r.IntN(len(pool))], strconv.Itoa(op)
+			x.put(h, &Key{ID: id})
+			want[h] = id
 		}
 		if op%10 == 0 || op == ops-1 {
 			checkIndex(t, x, want)
 			for _, h := range pool {
-				if got := x.get(&h); got != want[h] {
-					t.Fatalf("op %d: get(%x) = %p, want %p", op, h, got, want[h])
+				got := x.get(&h)
+				if id, ok := want[h]; ok != (got != nil) || ok && got.ID != id {
+					t.Fatalf("op %d: get(%x) = %+v, want %q (present %v)", op, h, got, id, ok)
 				}
 			}
 		}
@@ -400,25 +434,24 @@ func TestIndexConcurrent(t *testing.T) {
 	for i := range hashes {
 		hashes[i] = randHash(r)
 		hashes[i][0] = byte(i % 3) // crowd a few shards
+		keys[i].ID = strconv.Itoa(i)
 	}
 	x := new(hashIndex)
 	var published atomic.Int64
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)
 	for g := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for published.Load() < n {
 				m := int(published.Load())
 				for i := g; i < m; i += 97 {
-					if got := x.get(&hashes[i]); got != &keys[i] {
-						errs <- fmt.Errorf("key %d of %d published: got %p", i, m, got)
+					if got := x.get(&hashes[i]); got == nil || got.ID != keys[i].ID {
+						errs <- fmt.Errorf("key %d of %d published: got %+v", i, m, got)
 						return
 					}
 				}
 			}
-		}()
+		})
 	}
 	for i := range hashes {
 		if i%500 == 499 {
@@ -441,12 +474,12 @@ func TestIndexConcurrent(t *testing.T) {
 // BenchmarkIndexGet measures the index alone, without hashing a secret.
 // Each lookup's position depends on the key the previous one returned, as
 // a request's does on the one before it: it measures latency, which is
-// what the cache misses of a large index cost. Keys live in one slab in an
-// order unrelated to their hashes, as after Open.
+// what the cache misses of a large index cost.
 func BenchmarkIndexGet(b *testing.B) {
 	for _, n := range []int{10_000, 1_000_000} {
 		r := rand.New(rand.NewPCG(1, uint64(n)))
 		keys := make([]Key, n)
+		hugePages(keys) // as Open does
 		ph := make([]pendingHash, n)
 		for i := range ph {
 			ph[i] = pendingHash{hash: randHash(r), ord: uint32(i)}
@@ -461,22 +494,6 @@ func BenchmarkIndexGet(b *testing.B) {
 		for i := range misses {
 			misses[i] = randHash(r)
 		}
-		x := new(hashIndex)
-		x.build(ph, keys)
-		b.Run(fmt.Sprintf("keys=%s", count(n)), func(b *testing.B) {
-			b.ReportAllocs()
-			i := 0
-			for b.Loop() {
-				k := x.get(&qs[i])
-				if k == nil {
-					b.Fatal("not found")
-				}
-				i += 1 + int(k.revokedAt) // 0, but a dependency on the key
-				if i == n {
-					i = 0
-				}
-			}
-		})
 		// The same walk through Go's own map, for scale: any structure
 		// whose keys outgrow the caches pays main memory's latency, and
 		// this shows how much of the step from 10k to 1M keys is that.
@@ -489,6 +506,23 @@ func BenchmarkIndexGet(b *testing.B) {
 			i := 0
 			for b.Loop() {
 				k := m[qs[i]]
+				if k == nil {
+					b.Fatal("not found")
+				}
+				i += 1 + int(k.revokedAt) // 0, but a dependency on the key
+				if i == n {
+					i = 0
+				}
+			}
+		})
+		x := new(hashIndex)
+		x.build(ph, keys) // moves the keys: the map's pointers go stale
+		clear(m)
+		b.Run(fmt.Sprintf("keys=%s", count(n)), func(b *testing.B) {
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				k := x.get(&qs[i])
 				if k == nil {
 					b.Fatal("not found")
 				}

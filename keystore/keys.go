@@ -17,15 +17,16 @@ import (
 // A Key is an API key as a Check sees it. A published Key never changes: an
 // admin write publishes a new Key for the same ID, and both point to the one
 // account balance and key spend, so a Check holding the old one still debits
-// the right ledger.
+// the right ledger. The index holds the Keys themselves (see hashIndex), so
+// a write also moves the other Keys of its shard: hold a *Key for a
+// request, and reach a key later through its entry.
 //
-// The fields are in the order a Check reads them. In Open's slab of Keys
-// (112 bytes each, so not aligned to cache lines) ID and the two times that
-// Lookup checks, in the first 32 bytes, share one cache line three times in
-// four, where they used to take two lines always; the account and the
-// entry, which Debit reads next, follow. At a million keys each of those
-// lines is a wait on main memory.
+// The fields are in the order a Check reads them. The hash, the ID and the
+// two times that Lookup checks fill the first 64 bytes, which it reads at
+// once; the account and the entry, which Debit reads next, follow. At a
+// million keys each of those lines is a wait on main memory.
 type Key struct {
+	hash      [hashSize]byte // set by the index
 	ID        string
 	expiresAt int64 // Unix nanoseconds; 0: never
 	revokedAt int64 // Unix nanoseconds; 0: not revoked
@@ -41,7 +42,7 @@ type Key struct {
 }
 
 // Tier returns the key's account tier. (It is the account's, not a copy:
-// a Key is 128 bytes, and a million of them count.)
+// a Key is 144 bytes, and a million of them count.)
 func (k *Key) Tier() string { return k.acct.tier }
 
 // HasScope reports whether the key carries scope.
@@ -295,8 +296,8 @@ func (s *Store) publishNewKeyLocked(id string, a *account, rec *keyRecord) *keyE
 	s.mu.Lock()
 	s.insertKeyLocked(e)
 	a.keys = append(a.keys, e)
+	s.idx.put(rec.Hash, k) // e.cur: the index's copy
 	s.mu.Unlock()
-	s.idx.put(rec.Hash, k)
 	return e
 }
 
@@ -306,9 +307,9 @@ func (s *Store) republishLocked(e *keyEntry, hash [hashSize]byte, revokedAt int6
 	k := *e.cur
 	k.revokedAt = revokedAt
 	s.mu.Lock()
-	e.cur, e.rotatedTo = &k, rotatedTo
+	e.rotatedTo = rotatedTo
+	s.idx.put(hash, &k) // e.cur: the index's copy
 	s.mu.Unlock()
-	s.idx.put(hash, &k)
 }
 
 // keyInfoLocked describes e. The caller holds s.mu or s.wmu.

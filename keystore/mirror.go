@@ -502,6 +502,6 @@ func (s *Store) publishMirrorLocked(accts []mirroredAccount, keys []mirroredKey)
 	}
 	slices.SortFunc(added, func(x, y *keyEntry) int { return strings.Compare(x.cur.ID, y.cur.ID) })
 	s.byID = mergeByID(s.byID, added)
+	s.idx.putAll(hashes) // the entries' cur: the index's copies
 	s.mu.Unlock()
-	s.idx.putAll(hashes)
 }
