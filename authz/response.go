@@ -251,7 +251,7 @@ var _ wire.Pooled = (*allowParts)(nil)
 
 func (p *allowParts) fill(g grant) {
 	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: g.key.ID}
-	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: g.key.Account}
+	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: g.key.Account()}
 	for i := range p.idOpts {
 		p.idOpts[i].Header = &p.idVals[i]
 		p.idOpts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD

@@ -210,7 +210,7 @@ func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey
 		e, k := &es[i], &ks[i]
 		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, cur: k}
 		*k = Key{
-			ID: keys[i].ID, Account: a.id, Scopes: s.scopeSetLocked(rec.Scopes),
+			ID: keys[i].ID, Scopes: s.scopeSetLocked(rec.Scopes),
 			RateLimit: rec.RateLimit, SpendCap: rec.SpendCap, expiresAt: rec.ExpiresAt, acct: a, entry: e,
 		}
 		a.keys = append(a.keys, e)

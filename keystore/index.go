@@ -14,7 +14,7 @@ import (
 // 10 bits) is an array of Keys sorted by hash, immutable, and published
 // behind an atomic.Pointer. Lookup loads one pointer and searches one
 // shard: no lock, no allocation. An admin write copies the one shard it
-// changes (144 bytes a key: about 140 KB at a million keys, which an
+// changes (128 bytes a key: about 125 KB at a million keys, which an
 // fsync'd admin write does not notice), publishes the copy, so that a
 // revoked key is refused from the next Lookup on, and points every moved
 // key's entry at its new place.

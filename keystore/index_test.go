@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"unsafe"
 )
 
 // hashWith returns a hash in shard s whose next 54 bits are the top bits of
@@ -75,6 +76,26 @@ func checkDir(t *testing.T, sh *shard) {
 	}
 	if int(sh.dir[len(sh.dir)-1]) != n {
 		t.Fatalf("%d keys: the directory ends at %d", n, sh.dir[len(sh.dir)-1])
+	}
+}
+
+// A Key is two cache lines, and the first holds all that Lookup reads (the
+// hash, the ID and the two times): verifying a match and checking the key's
+// state is one read from memory (see hashIndex).
+func TestKeyLayout(t *testing.T) {
+	var k Key
+	if size := unsafe.Sizeof(k); size != 128 {
+		t.Errorf("a Key is %d bytes, want 128", size)
+	}
+	for name, end := range map[string]uintptr{
+		"hash":      unsafe.Offsetof(k.hash) + unsafe.Sizeof(k.hash),
+		"ID":        unsafe.Offsetof(k.ID) + unsafe.Sizeof(k.ID),
+		"expiresAt": unsafe.Offsetof(k.expiresAt) + unsafe.Sizeof(k.expiresAt),
+		"revokedAt": unsafe.Offsetof(k.revokedAt) + unsafe.Sizeof(k.revokedAt),
+	} {
+		if end > 64 {
+			t.Errorf("Key.%s ends at byte %d, past the first cache line", name, end)
+		}
 	}
 }
 

@@ -52,7 +52,7 @@ func TestCreateKey(t *testing.T) {
 	if !ok {
 		t.Fatal("Lookup of a new key failed")
 	}
-	if k.ID != info.ID || k.Account != "acme" || k.Tier() != "free" || k.RateLimit != nk.RateLimit || k.SpendCap != nk.SpendCap {
+	if k.ID != info.ID || k.Account() != "acme" || k.Tier() != "free" || k.RateLimit != nk.RateLimit || k.SpendCap != nk.SpendCap {
 		t.Errorf("Lookup = %+v", k)
 	}
 	if !k.HasScope("chat:write") || !k.HasScope("embeddings:write") || k.HasScope("images:write") || k.HasScope("") {

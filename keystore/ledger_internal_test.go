@@ -240,7 +240,7 @@ func TestPacedFlush(t *testing.T) {
 	check := func(what string, st *Store) {
 		t.Helper()
 		for i, k := range keys {
-			a, _ := st.Account(k.Account)
+			a, _ := st.Account(k.Account())
 			info, _ := st.Key(k.ID)
 			if a.Balance+info.Spent != opening || info.Spent == 0 {
 				t.Fatalf("%s: account %d: balance %d + spend %d, want %d with a spend", what, i, a.Balance, info.Spent, opening)

@@ -274,7 +274,7 @@ func (l *keyLoader) loadRange(tx *bolt.Tx, r keyRange, lo int) error {
 		e.createdAt, e.capPeriod = rec.createdAt, rec.capPeriod
 		key := &l.keys[i]
 		*key = Key{
-			Account: a.id, Scopes: set, RateLimit: rec.rate, SpendCap: rec.spendCap,
+			Scopes: set, RateLimit: rec.rate, SpendCap: rec.spendCap,
 			expiresAt: rec.expiresAt, revokedAt: rec.revokedAt, acct: a, entry: e,
 		}
 		e.cur = key

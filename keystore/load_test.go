@@ -29,7 +29,7 @@ func TestOpenInRanges(t *testing.T) {
 	}
 	for i, secret := range f.secrets {
 		k, ok := s.Lookup(secret, benchNow)
-		if !ok || k.Account != accountName(i%700) || k.Tier() != "tier1" {
+		if !ok || k.Account() != accountName(i%700) || k.Tier() != "tier1" {
 			t.Fatalf("secret %d: Lookup = %+v, %v", i, k, ok)
 		}
 	}

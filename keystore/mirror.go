@@ -416,8 +416,8 @@ func (s *Store) Mirror(accounts []AccountRecord, keys []KeyRecord) error {
 // never changes. The caller holds s.wmu.
 func (s *Store) immutableKeyLocked(e *keyEntry, rec *keyRecord) error {
 	switch {
-	case e.cur.Account != rec.Account:
-		return fmt.Errorf("%w: the record's account %s is not the known key's %s", ErrInvalid, rec.Account, e.cur.Account)
+	case e.cur.Account() != rec.Account:
+		return fmt.Errorf("%w: the record's account %s is not the known key's %s", ErrInvalid, rec.Account, e.cur.Account())
 	case e.createdAt != rec.CreatedAt:
 		return fmt.Errorf("%w: the record's creation time is not the known key's", ErrInvalid)
 	case e.capPeriod != rec.CapPeriod: // Key.CapPeriod reads it without a lock
@@ -493,7 +493,7 @@ func (s *Store) publishMirrorLocked(accts []mirroredAccount, keys []mirroredKey)
 		e, k := &es[len(added)], &ks[len(added)]
 		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, rotatedTo: rec.RotatedTo, cur: k}
 		*k = Key{
-			ID: m.id, Account: a.id, Scopes: s.scopeSetLocked(rec.Scopes), RateLimit: rec.RateLimit,
+			ID: m.id, Scopes: s.scopeSetLocked(rec.Scopes), RateLimit: rec.RateLimit,
 			SpendCap: rec.SpendCap, expiresAt: rec.ExpiresAt, revokedAt: rec.RevokedAt, acct: a, entry: e,
 		}
 		a.keys = append(a.keys, e)

@@ -26,7 +26,7 @@ func TestCreateOnOneUseOnAnother(t *testing.T) {
 	}
 	eventually(t, "b accepts a key created on a", func() bool { return b.accepts(secret, time.Now()) })
 	got, ok := b.store.Lookup(secret, time.Now())
-	if !ok || got.ID != k.ID || got.Account != "acme" || got.Tier() != "free" || !got.HasScope("chat:write") {
+	if !ok || got.ID != k.ID || got.Account() != "acme" || got.Tier() != "free" || !got.HasScope("chat:write") {
 		t.Errorf("b's Lookup = %+v, %v", got, ok)
 	}
 	// The mirror survives in b's file: a restart authenticates from it.

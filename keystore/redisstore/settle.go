@@ -69,8 +69,8 @@ func (s *Store) Reserve(k *keystore.Key, requestID string, price, maxPrice money
 	err := s.conn.Call(context.Background(), "reserve", func(ctx context.Context, r *redis.Client) error {
 		var err error
 		code, err = reserveScript.Run(ctx, r,
-			[]string{s.resKey(requestID), s.resDueKey(), s.acctKey(k.Account), s.keyKey(k.ID), s.conn.Key("contended")},
-			requestID, k.ID, k.Account, int64(price), int64(maxPrice), deadlineMS(deadline), s.replica,
+			[]string{s.resKey(requestID), s.resDueKey(), s.acctKey(k.Account()), s.keyKey(k.ID), s.conn.Key("contended")},
+			requestID, k.ID, k.Account(), int64(price), int64(maxPrice), deadlineMS(deadline), s.replica,
 			int64(k.SpendCap), int(period), period.Index(s.now())).Int64()
 		return err
 	})
@@ -87,7 +87,7 @@ func (s *Store) Reserve(k *keystore.Key, requestID string, price, maxPrice money
 	case reserveDuplicate:
 		return keystore.ErrDuplicateRequest
 	case reserveNoAccount:
-		return fmt.Errorf("reserve %s: %w: %s", requestID, keystore.ErrAccountNotFound, k.Account)
+		return fmt.Errorf("reserve %s: %w: %s", requestID, keystore.ErrAccountNotFound, k.Account())
 	case reserveNoKey:
 		return fmt.Errorf("reserve %s: %w: %s", requestID, keystore.ErrKeyNotFound, k.ID)
 	}

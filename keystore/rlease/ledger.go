@@ -340,7 +340,7 @@ func (l *Ledger) state(k *keystore.Key) *keyState {
 	if s := l.keys.get(k.ID); s != nil {
 		return s
 	}
-	return l.keys.add(k.ID, l.newState(k.ID, k.Account))
+	return l.keys.add(k.ID, l.newState(k.ID, k.Account()))
 }
 
 func (l *Ledger) newState(keyID, account string) *keyState {
@@ -493,7 +493,7 @@ func (l *Ledger) spendOutage(s *keyState, k *keystore.Key, price money.Micros, n
 	if j := l.o.Journal; j != nil {
 		l.jmu.RLock()
 		defer l.jmu.RUnlock()
-		if err := j.Append(OutageSpend{Account: k.Account, KeyID: k.ID, Price: price}); err != nil {
+		if err := j.Append(OutageSpend{Account: k.Account(), KeyID: k.ID, Price: price}); err != nil {
 			l.log.Error("outage journal append; spend refused", zap.String("key_id", k.ID), zap.Error(err))
 			l.m.outageDenied.Inc()
 			return ErrBillingUnavailable

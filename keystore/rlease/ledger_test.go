@@ -527,7 +527,7 @@ func TestSpendArguments(t *testing.T) {
 	srv := rconntest.Start(t)
 	c := dial(t, srv)
 	l := ledger(t, c, LedgerOptions{ReplicaID: "r"})
-	k := &keystore.Key{ID: "k", Account: "a"}
+	k := newAdmin(t, c).key("k", "a", 0) // account a is not in Redis
 	tests := []struct {
 		name  string
 		price money.Micros

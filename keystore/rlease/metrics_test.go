@@ -8,7 +8,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/authz/ratelimit"
-	"github.com/keygate/keygate/keystore"
 	"github.com/keygate/keygate/keystore/rconn/rconntest"
 )
 
@@ -24,9 +23,9 @@ func TestMetrics(t *testing.T) {
 	l := ledger(t, c, LedgerOptions{ReplicaID: "r", Metrics: reg})
 	lim := NewLimiter(c, LimiterOptions{ReplicaID: "r", Metrics: reg})
 
-	_ = l.Spend(k, 600)                                      // granted
-	_ = l.Spend(k, 600)                                      // refused: 400 left
-	_ = l.Spend(&keystore.Key{ID: "k2", Account: "none"}, 1) // refused
+	_ = l.Spend(k, 600)                    // granted
+	_ = l.Spend(k, 600)                    // refused: 400 left
+	_ = l.Spend(a.key("k2", "none", 0), 1) // refused: no account none in Redis
 	r := ratelimit.Rate{N: 1, Per: time.Hour}
 	now := time.Unix(1_800_000_000, 0)
 	lim.Allow("k", r, now)                       // granted

@@ -282,8 +282,8 @@ func TestSeedRedis(t *testing.T) {
 			t.Fatalf("key %d not in the mirror", i)
 		}
 		// Key-major: key i belongs to account i mod accounts.
-		if want := fmt.Sprintf("acct-%04d", i%accounts); k.Account != want {
-			t.Errorf("key %d: account %s, want %s", i, k.Account, want)
+		if want := fmt.Sprintf("acct-%04d", i%accounts); k.Account() != want {
+			t.Errorf("key %d: account %s, want %s", i, k.Account(), want)
 		}
 		if k.RateLimit.N != 1_000_000 || !k.HasScope("chat:write") {
 			t.Errorf("key %d: limit %v, scopes %v", i, k.RateLimit, k.Scopes)

@@ -35,10 +35,10 @@ func TestSeed(t *testing.T) {
 		if !ok {
 			t.Fatalf("key %d not found", i)
 		}
-		if i < n && seen[k.Account] {
-			t.Errorf("round-robin order visits account %s twice in the first %d keys", k.Account, n)
+		if i < n && seen[k.Account()] {
+			t.Errorf("round-robin order visits account %s twice in the first %d keys", k.Account(), n)
 		}
-		seen[k.Account] = true
+		seen[k.Account()] = true
 		for _, sc := range benchScopes {
 			if !k.HasScope(sc) {
 				t.Errorf("key %d lacks scope %s", i, sc)
