@@ -39,8 +39,12 @@ func (s Settled) String() string {
 // A reservation holds a request's price against its key's account and cap
 // from the Check until the access log settles it, or its deadline passes.
 type reservation struct {
-	id       string
-	key      *Key // the Key the Check found: its account and spend are the ones charged
+	id string
+	// key is a copy of the Key the Check found: its account and spend are
+	// the ones charged. A copy, because the index holds Keys in arrays of
+	// a shard that a write replaces, and a pointer would keep the old
+	// array alive until the reservation settles.
+	key      Key
 	price    money.Micros
 	maxPrice money.Micros
 	deadline int64  // Unix nanoseconds
@@ -96,7 +100,7 @@ func (s *Store) Reserve(k *Key, requestID string, price, maxPrice money.Micros, 
 		a.mu.Unlock()
 		return err
 	}
-	r := &reservation{id: strings.Clone(requestID), key: k, price: price, maxPrice: maxPrice,
+	r := &reservation{id: strings.Clone(requestID), key: *k, price: price, maxPrice: maxPrice,
 		deadline: deadline.UnixNano(), seq: s.resSeq.Add(1), open: true}
 	a.reserved += price
 	e.reserved += price
@@ -170,7 +174,7 @@ func (s *Store) take(requestID string) *reservation {
 
 // finish releases r's hold and charges charge (0: nothing).
 func (s *Store) finish(r *reservation, charge money.Micros) {
-	k := r.key
+	k := &r.key
 	a, e := k.acct, k.entry
 	a.mu.Lock()
 	a.reserved -= r.price
@@ -240,7 +244,7 @@ func (s *Store) loadReservations(tx *bolt.Tx) error {
 		if len(id) == 0 || len(id) > maxRequestIDLen {
 			return fmt.Errorf("reservation id of %d bytes", len(id))
 		}
-		r := &reservation{id: string(id), key: e.cur, price: rec.Price, maxPrice: rec.MaxPrice,
+		r := &reservation{id: string(id), key: *e.cur, price: rec.Price, maxPrice: rec.MaxPrice,
 			deadline: rec.Deadline, seq: seq, open: true}
 		// Two open reservations of one request ID are what a crash leaves
 		// between the write of the newer (by a Credit of its account, or a
