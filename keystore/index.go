@@ -229,7 +229,8 @@ type pendingHash struct {
 const moved = math.MaxUint32
 
 // build publishes the index of keys at once (Open): ph[i] is the hash of
-// keys[ph[i].ord], and there are fewer than 2³² keys. It sorts keys into
+// keys[ph[i].ord], ph names every key of keys once, and there are fewer
+// than 2³² keys. It sorts keys into
 // hash order in place, so that every shard is a window of that one slab
 // (read by every Lookup: the caller advises it onto huge pages), and
 // points every key's entry at its new place. No other goroutine may see the
