@@ -68,7 +68,26 @@ type shard struct {
 // hashIndex is the index. Its zero value is empty and ready to use.
 type hashIndex struct {
 	shards [shardCount]atomic.Pointer[shard]
+	slab   slab // guarded by the writers' locks (see publish)
 }
+
+// A slab is one array holding the keys of many shards, as build makes it:
+// one allocation, so that it sits on huge pages. A write moves its shard out
+// of the slab, but the slab stays alive while any shard is in it, so a long
+// run of writes spread over the shards would keep a dead copy of nearly
+// every key alive (a million keys: 128 MB more). Once a quarter of a slab
+// is dead, the shards still in it move together to a fresh slab
+// (evacuate): at most a quarter of a slab is ever dead, and the copy costs
+// a write that triggers it tens of milliseconds at a million keys.
+type slab struct {
+	keys []Key
+	in   [shardCount]bool // shard s's keys are a window of keys
+	live int              // keys of keys still in a shard
+}
+
+// evacuateMin is the smallest slab worth evacuating (8 MiB of keys): below
+// it, a dead quarter costs less than the copy.
+const evacuateMin = 1 << 16
 
 func shardOf(h *[hashSize]byte) int { return int(binary.BigEndian.Uint16(h[0:]) >> (16 - shardBits)) }
 
@@ -142,7 +161,35 @@ func (x *hashIndex) publish(s int, ks []Key) {
 	sh := &shard{keys: ks}
 	sh.index(make([]uint32, dirSize(len(ks))))
 	repoint(ks)
+	if x.slab.in[s] {
+		x.slab.in[s] = false
+		x.slab.live -= len(x.shards[s].Load().keys)
+	}
 	x.shards[s].Store(sh)
+	if n := len(x.slab.keys); n >= evacuateMin && 4*x.slab.live <= 3*n {
+		x.evacuate()
+	}
+}
+
+// evacuate moves the shards still in the slab to a fresh one, so that the
+// old slab can be freed once no Check holds a key in it. The caller holds
+// what publish needs.
+func (x *hashIndex) evacuate() {
+	next := slab{keys: make([]Key, x.slab.live), live: x.slab.live}
+	hugePages(next.keys) // before it is written: see hugePages
+	at := 0
+	for s := range x.slab.in {
+		if !x.slab.in[s] {
+			continue
+		}
+		old := x.shards[s].Load()
+		ks := next.keys[at : at+len(old.keys) : at+len(old.keys)]
+		at += copy(ks, old.keys)
+		repoint(ks)
+		x.shards[s].Store(&shard{keys: ks, dir: old.dir, shift: old.shift}) // the same keys: the same directory
+		next.in[s] = true
+	}
+	x.slab = next
 }
 
 // repoint points the entry of each key in ks at it.
@@ -289,7 +336,7 @@ func (x *hashIndex) build(ph []pendingHash, keys []Key) {
 		lo = ends[s]
 	}
 	shards, dir := make([]shard, shardCount), make([]uint32, dirs)
-	lo = 0
+	x.slab, lo = slab{}, 0
 	for s, hi := range ends {
 		if hi > lo {
 			sh := &shards[s]
@@ -298,9 +345,11 @@ func (x *hashIndex) build(ph []pendingHash, keys []Key) {
 			sh.index(dir[:n:n])
 			dir = dir[n:]
 			x.shards[s].Store(sh)
+			x.slab.in[s] = true
 		}
 		lo = hi
 	}
+	x.slab.keys, x.slab.live = keys, len(keys)
 }
 
 // radixPass copies src into dst stably sorted by the hash byte at b.

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"unsafe"
+	"weak"
 )
 
 // hashWith returns a hash in shard s whose next 54 bits are the top bits of
@@ -356,6 +358,76 @@ func TestIndexRepointsEntries(t *testing.T) {
 	}
 	if held.ID != "0" || held.hash != hashes[0] {
 		t.Fatalf("a key held across writes reads %q %x", held.ID, held.hash)
+	}
+}
+
+// Writes spread over the shards move them out of Open's slab one by one;
+// once a quarter of it is dead, the rest move to a fresh slab together, and
+// the old one can be freed: no published shard, and no key's entry, points
+// into it.
+func TestIndexEvacuatesSlab(t *testing.T) {
+	r := rand.New(rand.NewPCG(14, 15))
+	n := evacuateMin + evacuateMin/8
+	x := new(hashIndex)
+	hashes := make([][hashSize]byte, n)
+	want := map[[hashSize]byte]string{}
+	entries := make([]keyEntry, n)
+	slab0 := func() weak.Pointer[Key] {
+		keys := make([]Key, n)
+		ph := make([]pendingHash, n)
+		for i := range keys {
+			keys[i] = Key{ID: strconv.Itoa(i), entry: &entries[i]}
+			entries[i].cur = &keys[i]
+			hashes[i] = randHash(r)
+			ph[i] = pendingHash{hash: hashes[i], ord: uint32(i)}
+			want[hashes[i]] = keys[i].ID
+		}
+		x.build(ph, keys)
+		return weak.Make(&keys[0])
+	}()
+	if x.slab.live != n {
+		t.Fatalf("after build: %d keys live in the slab, want %d", x.slab.live, n)
+	}
+	first := &x.slab.keys[0]
+	inFirst := func(k *Key) bool {
+		p := uintptr(unsafe.Pointer(k))
+		lo := uintptr(unsafe.Pointer(first))
+		return p >= lo && p < lo+uintptr(n)*unsafe.Sizeof(Key{})
+	}
+	writes := 0
+	for ; &x.slab.keys[0] == first; writes++ {
+		if writes > 2*shardCount {
+			t.Fatalf("%d writes, and the slab is %d of %d keys live: never evacuated", writes, x.slab.live, n)
+		}
+		if 4*x.slab.live <= 3*n {
+			t.Fatalf("the slab is %d of %d keys live and not evacuated", x.slab.live, n)
+		}
+		i := r.IntN(n) // replace a key, as a revocation does
+		x.put(hashes[i], &Key{ID: want[hashes[i]], entry: &entries[i], revokedAt: int64(writes + 1)})
+	}
+	if writes < shardCount/8 {
+		t.Errorf("evacuated after %d writes: too early", writes)
+	}
+	checkIndex(t, x, want) // every key found, and every entry at its key
+	live := 0
+	for s := range x.shards {
+		sh := x.shards[s].Load()
+		for i := range sh.keys {
+			if inFirst(&sh.keys[i]) {
+				t.Fatalf("shard %d still holds key %s in the old slab", s, sh.keys[i].ID)
+			}
+		}
+		if x.slab.in[s] {
+			live += len(sh.keys)
+		}
+	}
+	if live != x.slab.live || live != len(x.slab.keys) {
+		t.Errorf("the fresh slab: %d keys in its shards, %d counted live, %d long", live, x.slab.live, len(x.slab.keys))
+	}
+	runtime.GC()
+	runtime.GC()
+	if slab0.Value() != nil {
+		t.Error("the old slab is still alive after its shards moved out")
 	}
 }
 
