@@ -86,7 +86,8 @@ type slab struct {
 }
 
 // evacuateMin is the smallest slab worth evacuating (8 MiB of keys): below
-// it, a dead quarter costs less than the copy.
+// it, a dead quarter costs less than the copy. A slab whose shards have all
+// moved out is let go whatever its size.
 const evacuateMin = 1 << 16
 
 func shardOf(h *[hashSize]byte) int { return int(binary.BigEndian.Uint16(h[0:]) >> (16 - shardBits)) }
@@ -166,7 +167,17 @@ func (x *hashIndex) publish(s int, ks []Key) {
 		x.slab.live -= len(x.shards[s].Load().keys)
 	}
 	x.shards[s].Store(sh)
-	if n := len(x.slab.keys); n >= evacuateMin && 4*x.slab.live <= 3*n {
+}
+
+// settle evacuates the slab if a quarter of it is dead. A write calls it
+// once, after all its shards are published, so that a write of many shards
+// (an import) does not evacuate, and then copy out, the same shards again
+// and again. The caller holds what publish needs.
+func (x *hashIndex) settle() {
+	switch n := len(x.slab.keys); {
+	case n > 0 && x.slab.live == 0:
+		x.slab = slab{} // every shard moved out: nothing to copy
+	case n >= evacuateMin && 4*x.slab.live <= 3*n:
 		x.evacuate()
 	}
 }
@@ -222,6 +233,7 @@ func (x *hashIndex) put(h [hashSize]byte, k *Key) {
 	ks[i].hash = h
 	copy(ks[i+1:], rest)
 	x.publish(s, ks)
+	x.settle()
 }
 
 // putAll publishes copies of many keys at once (Import, mirroring): each
@@ -262,6 +274,7 @@ func (x *hashIndex) putAll(es []hashEntry) {
 		x.publish(s, ks)
 		lo = hi
 	}
+	x.settle()
 }
 
 // pendingHash is an index entry during Open: the key is its place in the

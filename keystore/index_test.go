@@ -429,6 +429,27 @@ func TestIndexEvacuatesSlab(t *testing.T) {
 	if slab0.Value() != nil {
 		t.Error("the old slab is still alive after its shards moved out")
 	}
+
+	// One putAll (an import) that reaches every shard of the fresh slab
+	// leaves nothing in it, and it goes too.
+	slab1 := weak.Make(&x.slab.keys[0])
+	var es []hashEntry
+	for s := range x.shards {
+		if x.slab.in[s] {
+			k := &x.shards[s].Load().keys[0]
+			es = append(es, hashEntry{hash: k.hash, key: &Key{ID: k.ID, entry: k.entry, revokedAt: 1}})
+		}
+	}
+	x.putAll(es)
+	if x.slab.live != 0 || len(x.slab.keys) != 0 {
+		t.Errorf("after a write to every shard, the slab is %d keys, %d live", len(x.slab.keys), x.slab.live)
+	}
+	checkIndex(t, x, want)
+	runtime.GC()
+	runtime.GC()
+	if slab1.Value() != nil {
+		t.Error("the fresh slab is still alive after every shard moved out")
+	}
 }
 
 // The index against a map, through any mix of put, putAll and build, on
