@@ -75,14 +75,14 @@ type hashIndex struct {
 // one allocation, so that it sits on huge pages. A write moves its shard out
 // of the slab, but the slab stays alive while any shard is in it, so a long
 // run of writes spread over the shards would keep a dead copy of nearly
-// every key alive (a million keys: 128 MB more). Once a quarter of a slab
-// is dead, the shards still in it move together to a fresh slab
-// (evacuate): at most a quarter of a slab is ever dead, and the copy costs
-// a write that triggers it tens of milliseconds at a million keys.
+// every key alive (a million keys: 128 MB more). Once a quarter of a large
+// slab is dead, the shards still in it move together to a fresh slab
+// (evacuate): at most a quarter of it is ever dead, and the write that
+// triggers the move pays for the copy (about 100 MB at a million keys).
 type slab struct {
 	keys []Key
 	in   [shardCount]bool // shard s's keys are a window of keys
-	live int              // keys of keys still in a shard
+	live int              // how many of keys are still a shard's
 }
 
 // evacuateMin is the smallest slab worth evacuating (8 MiB of keys): below
