@@ -169,11 +169,11 @@ func (x *hashIndex) publish(s int, ks []Key) {
 	x.shards[s].Store(sh)
 }
 
-// settle evacuates the slab if a quarter of it is dead. A write calls it
+// compact evacuates the slab if a quarter of it is dead. A write calls it
 // once, after all its shards are published, so that a write of many shards
 // (an import) does not evacuate, and then copy out, the same shards again
 // and again. The caller holds what publish needs.
-func (x *hashIndex) settle() {
+func (x *hashIndex) compact() {
 	switch n := len(x.slab.keys); {
 	case n > 0 && x.slab.live == 0:
 		x.slab = slab{} // every shard moved out: nothing to copy
@@ -233,7 +233,7 @@ func (x *hashIndex) put(h [hashSize]byte, k *Key) {
 	ks[i].hash = h
 	copy(ks[i+1:], rest)
 	x.publish(s, ks)
-	x.settle()
+	x.compact()
 }
 
 // putAll publishes copies of many keys at once (Import, mirroring): each
@@ -274,7 +274,7 @@ func (x *hashIndex) putAll(es []hashEntry) {
 		x.publish(s, ks)
 		lo = hi
 	}
-	x.settle()
+	x.compact()
 }
 
 // pendingHash is an index entry during Open: the key is its place in the
