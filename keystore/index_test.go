@@ -314,28 +314,43 @@ func TestFind(t *testing.T) {
 	}
 }
 
+// builtIndex is an index as Open leaves it: n keys with random hashes, each
+// with an entry whose cur is its key.
+type builtIndex struct {
+	x       *hashIndex
+	hashes  [][hashSize]byte // key i's
+	entries []keyEntry       // key i's
+	want    map[[hashSize]byte]string
+	slab    weak.Pointer[Key] // the array build was given, which the index keeps
+}
+
+// buildWithEntries builds a builtIndex. With firstBytes > 0, the hashes'
+// first byte takes that many values, crowding a few shards.
+func buildWithEntries(r *rand.Rand, n, firstBytes int) builtIndex {
+	b := builtIndex{x: new(hashIndex), hashes: make([][hashSize]byte, n), entries: make([]keyEntry, n),
+		want: map[[hashSize]byte]string{}}
+	keys := make([]Key, n)
+	ph := make([]pendingHash, n)
+	for i := range keys {
+		keys[i] = Key{ID: strconv.Itoa(i), entry: &b.entries[i]}
+		b.entries[i].cur = &keys[i]
+		b.hashes[i] = randHash(r)
+		if firstBytes > 0 {
+			b.hashes[i][0] = byte(i % firstBytes)
+		}
+		ph[i] = pendingHash{hash: b.hashes[i], ord: uint32(i)}
+		b.want[b.hashes[i]] = keys[i].ID
+	}
+	b.x.build(ph, keys)
+	b.slab = weak.Make(&keys[0])
+	return b
+}
+
 // A write moves the keys of its shard: every key's entry follows it, and a
 // key held from before still reads as it did.
 func TestIndexRepointsEntries(t *testing.T) {
-	r := rand.New(rand.NewPCG(12, 13))
-	const n = 2000
-	x := new(hashIndex)
-	keys := make([]Key, n)
-	entries := make([]keyEntry, n)
-	ph := make([]pendingHash, n)
-	want := map[[hashSize]byte]string{}
-	for i := range keys {
-		keys[i] = Key{ID: strconv.Itoa(i), entry: &entries[i]}
-		entries[i].cur = &keys[i]
-		ph[i] = pendingHash{hash: randHash(r), ord: uint32(i)}
-		ph[i].hash[0] = byte(i % 2) // crowd a few shards
-		want[ph[i].hash] = keys[i].ID
-	}
-	hashes := make([][hashSize]byte, n)
-	for i := range ph {
-		hashes[i] = ph[i].hash
-	}
-	x.build(ph, keys)
+	b := buildWithEntries(rand.New(rand.NewPCG(12, 13)), 2000, 2) // crowd a few shards
+	x, hashes, entries, want := b.x, b.hashes, b.entries, b.want
 	checkIndex(t, x, want)
 	for i := range entries {
 		if got := x.get(&hashes[i]); entries[i].cur != got || got.entry != &entries[i] {
@@ -368,23 +383,8 @@ func TestIndexRepointsEntries(t *testing.T) {
 func TestIndexEvacuatesSlab(t *testing.T) {
 	r := rand.New(rand.NewPCG(14, 15))
 	n := evacuateMin + evacuateMin/8
-	x := new(hashIndex)
-	hashes := make([][hashSize]byte, n)
-	want := map[[hashSize]byte]string{}
-	entries := make([]keyEntry, n)
-	slab0 := func() weak.Pointer[Key] {
-		keys := make([]Key, n)
-		ph := make([]pendingHash, n)
-		for i := range keys {
-			keys[i] = Key{ID: strconv.Itoa(i), entry: &entries[i]}
-			entries[i].cur = &keys[i]
-			hashes[i] = randHash(r)
-			ph[i] = pendingHash{hash: hashes[i], ord: uint32(i)}
-			want[hashes[i]] = keys[i].ID
-		}
-		x.build(ph, keys)
-		return weak.Make(&keys[0])
-	}()
+	b := buildWithEntries(r, n, 0)
+	x, hashes, entries, want, slab0 := b.x, b.hashes, b.entries, b.want, b.slab
 	if x.slab.live != n {
 		t.Fatalf("after build: %d keys live in the slab, want %d", x.slab.live, n)
 	}
