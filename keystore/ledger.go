@@ -266,15 +266,18 @@ type batchEntry struct {
 	val    money.Micros
 	off, n uint32
 	period int32
+	// last: the account raised alerts since the last flush, so its
+	// balance and spends go in the flush's last transaction, with them.
+	last bool
 }
 
 // add appends the entry for id to es, copying id into b.ids.
-func (b *flushBatch) add(es []batchEntry, id string, val money.Micros, period int32) []batchEntry {
+func (b *flushBatch) add(es []batchEntry, id string, val money.Micros, period int32, last bool) []batchEntry {
 	var p [16]byte
 	copy(p[:], id)
 	es = append(es, batchEntry{
 		pre: [2]uint64{binary.BigEndian.Uint64(p[:8]), binary.BigEndian.Uint64(p[8:])},
-		val: val, off: uint32(len(b.ids)), n: uint32(len(id)), period: period,
+		val: val, off: uint32(len(b.ids)), n: uint32(len(id)), period: period, last: last,
 	})
 	b.ids = append(b.ids, id...)
 	return es
@@ -285,8 +288,8 @@ func (b *flushBatch) id(f *batchEntry) []byte { return b.ids[f.off : f.off+f.n :
 
 // Relative costs of a flush's work per value, for the pacer's measure of
 // progress (measured: a bbolt put with sorted keys is about 0.75µs, the
-// snapshot 0.2µs a value, the sort 0.15µs). The commit, one burst that
-// cannot be split, follows the puts; the pacer leaves time for it.
+// snapshot 0.2µs a value, the sort 0.15µs). The commits, bursts that
+// cannot be split, count as part of the puts.
 const (
 	costSnapshot = 0.25
 	costSort     = 0.15
@@ -294,15 +297,28 @@ const (
 )
 
 // flushLocked is Flush with s.wmu held; p is nil for a flush at full speed.
+// Admin writes wait for the flush; a paced one finishes at full speed when
+// one does.
 //
-// It is one bbolt transaction, whatever the number of values, for two
-// reasons. An account's balance and the spend of its keys must reach the
-// disk together, or a crash leaves the balance charged for debits that
-// the key's spend does not count (and the key can then pass its cap); and
-// the keys of a range of accounts are spread over the whole spend bucket,
-// so splitting a flush by account would rewrite most of that bucket's pages
-// in every part (measured: 2.6 times the CPU in 40 parts). Admin writes
-// wait for the flush; a paced one finishes at full speed when one does.
+// A large flush is several bbolt transactions (see defaultFlushPart), in
+// an order that makes a crash between two of them cost no more than
+// losing the whole flush would, and never charge twice or let a key pass
+// its cap:
+//  1. reservations opened and settled: a settled one is deleted before
+//     its charge reaches the balance, so a restart cannot expire it and
+//     charge it again (a crash in between loses the charge, as it would
+//     lose any unflushed debit);
+//  2. spends, in ID order: a key's spend reaches the disk before the
+//     balance its debits came from, so after a crash a cap counts every
+//     debit the balance does, and perhaps a few more, never fewer;
+//  3. balances, in ID order;
+//  4. last, in one transaction, the accounts that raised alerts, whole
+//     (balance and spends), with the alerts: an alert is neither lost
+//     nor raised twice by a crash.
+//
+// Each part is a run of sorted IDs, so it rewrites few pages: splitting by
+// account instead spreads every part over the whole spend bucket (measured:
+// 2.6 times the CPU in 40 parts).
 func (s *Store) flushLocked(p *pacer) error {
 	start := time.Now()
 	dirty := int(max(s.dirtyCount.Swap(0), 0))
@@ -361,11 +377,12 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 	a.mu.Lock()
 	next := a.nextDirty
 	a.nextDirty, a.dirty = nil, false
-	b.accounts = b.add(b.accounts, a.id, a.balance, 0)
+	last := len(a.alerts) > 0
+	b.accounts = b.add(b.accounts, a.id, a.balance, 0, last)
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; {
 		n := e.nextDirty
 		e.nextDirty = nil
-		b.keys = b.add(b.keys, e.cur.ID, e.spent, e.period)
+		b.keys = b.add(b.keys, e.cur.ID, e.spent, e.period, last)
 		e = n
 	}
 	a.dirtyKeys = nil
@@ -383,79 +400,200 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 	return next
 }
 
-// writeLocked writes the sorted batch in one transaction.
-func (s *Store) writeLocked(b *flushBatch, p *pacer) (err error) {
-	// bbolt keeps a reference to each value until the commit: one buffer
-	// holds them all. It copies keys: the IDs are passed as they are.
-	n := 12 * (len(b.accounts) + len(b.keys)) // room for a spend with a cap period
-	b.values = slices.Grow(b.values[:0], n)[:n]
-	tx, err := s.db.Begin(true)
+// defaultFlushPart is the most values one of a flush's transactions
+// writes. A commit is a burst the pacer cannot split: bbolt serialises
+// every page the transaction changed, writes them and fsyncs. In one
+// transaction, 100,000 accounts made a commit of about 50ms of CPU, which
+// held up every Check sharing its core; 8,192 sorted values change a few
+// hundred pages, a commit of about 2ms.
+const defaultFlushPart = 8192
+
+// writeLocked writes the sorted batch, in parts, in flushLocked's order.
+func (s *Store) writeLocked(b *flushBatch, p *pacer) error {
+	w := partWriter{s: s, p: p, size: s.flushPart, vals: b.values[:0]}
+	defer func() {
+		w.rollback()
+		b.values = w.vals[:0]
+	}()
+	for i := range b.res {
+		if err := w.reservation(&b.res[i]); err != nil {
+			return err
+		}
+	}
+	if err := w.values(bucketSpend, "spend", b, b.keys, false); err != nil {
+		return err
+	}
+	if err := w.values(bucketBalances, "balance", b, b.accounts, false); err != nil {
+		return err
+	}
+	// The accounts with alerts, and the alerts, in one transaction.
+	w.size = 0
+	if err := w.values(bucketSpend, "spend", b, b.keys, true); err != nil {
+		return err
+	}
+	if err := w.values(bucketBalances, "balance", b, b.accounts, true); err != nil {
+		return err
+	}
+	if err := w.alerts(b.alerts); err != nil {
+		return err
+	}
+	return w.commit()
+}
+
+// partWriter writes a flush as a series of transactions, each of at most
+// size values (0: no limit), opened as they are needed.
+type partWriter struct {
+	s    *Store
+	p    *pacer
+	size int
+	tx   *bolt.Tx
+	n    int    // values put in tx
+	vals []byte // room for values: bbolt holds on to them until the commit
+}
+
+// next returns the open transaction, committing it first and opening
+// another when it holds size values already.
+func (w *partWriter) next() (*bolt.Tx, error) {
+	if w.tx != nil && w.size > 0 && w.n >= w.size {
+		if err := w.commit(); err != nil {
+			return nil, err
+		}
+	}
+	if w.tx == nil {
+		tx, err := w.s.db.Begin(true)
+		if err != nil {
+			return nil, err
+		}
+		w.tx, w.n = tx, 0
+	}
+	w.n++
+	if w.n%16 == 0 {
+		w.p.tick(16 * costPut)
+	}
+	return w.tx, nil
+}
+
+// commit commits the open transaction, if any.
+func (w *partWriter) commit() error {
+	if w.tx == nil {
+		return nil
+	}
+	tx := w.tx
+	w.tx = nil
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	w.vals = w.vals[:0] // the values are on disk: their room is free
+	if w.s.afterPart != nil {
+		w.s.afterPart()
+	}
+	return nil
+}
+
+// rollback drops the open transaction after a failure.
+func (w *partWriter) rollback() {
+	if w.tx != nil {
+		w.tx.Rollback()
+		w.tx = nil
+	}
+}
+
+// values puts the entries of es whose last field is last into bucket.
+func (w *partWriter) values(bucket []byte, what string, b *flushBatch, es []batchEntry, last bool) error {
+	for i := range es {
+		f := &es[i]
+		if f.last != last {
+			continue
+		}
+		tx, err := w.next()
+		if err != nil {
+			return err
+		}
+		if len(w.vals)+12 > cap(w.vals) {
+			// Only the last, unbounded transaction gets here: the
+			// values already put keep the old array alive.
+			w.vals = make([]byte, 0, max(12*w.s.flushPart, 2*cap(w.vals)))
+		}
+		v := putSpend(w.vals[len(w.vals):len(w.vals)+12], f.val, f.period)
+		w.vals = w.vals[:len(w.vals)+len(v)]
+		if err := tx.Bucket(bucket).Put(b.id(f), v); err != nil {
+			return fmt.Errorf("%s of %s: %w", what, b.id(f), err)
+		}
+	}
+	return nil
+}
+
+// reservation writes a reservation opened, or deletes one settled.
+func (w *partWriter) reservation(c *resChange) error {
+	tx, err := w.next()
 	if err != nil {
 		return err
 	}
-	defer func() {
+	return putReservation(tx.Bucket(bucketReserved), c)
+}
+
+// alerts puts the alerts in the outbox, when there is one.
+func (w *partWriter) alerts(alerts []Alert) error {
+	if !w.s.outbox {
+		return nil
+	}
+	for i := range alerts {
+		tx, err := w.next()
 		if err != nil {
-			tx.Rollback()
+			return err
 		}
-	}()
-	vals := b.values
-	for _, part := range []struct {
-		bucket *bolt.Bucket
-		what   string
-		es     []batchEntry
-	}{
-		{tx.Bucket(bucketBalances), "balance", b.accounts},
-		{tx.Bucket(bucketSpend), "spend", b.keys},
-	} {
-		for i := range part.es {
-			f := &part.es[i]
-			v := putSpend(vals[:12:12], f.val, f.period)
-			if err := part.bucket.Put(b.id(f), v); err != nil {
-				return fmt.Errorf("%s of %s: %w", part.what, b.id(f), err)
-			}
-			vals = vals[len(v):]
-			if i%16 == 15 {
-				p.tick(16 * costPut)
-			}
+		if err := putAlert(tx.Bucket(bucketOutbox), &alerts[i]); err != nil {
+			return err
 		}
 	}
-	if err := s.writeChangesLocked(tx, b.res, b.alerts); err != nil {
-		return err
-	}
-	return tx.Commit()
+	return nil
 }
 
 // writeChangesLocked writes reservations opened and settled, and alerts
-// raised, in the transaction that writes the charges they go with: a
-// crash keeps a settled reservation and its charge together, so that a
-// request is never charged twice (once settled, once expired after a
-// restart), and an alert together with the spend that raised it.
+// raised, in the transaction that writes the charges they go with (an
+// admin write's: see flushLocked for a flush's order).
 func (s *Store) writeChangesLocked(tx *bolt.Tx, res []resChange, alerts []Alert) error {
 	rb := tx.Bucket(bucketReserved)
-	for _, c := range res {
-		if !c.open {
-			if err := rb.Delete(c.r.diskKey()); err != nil {
-				return fmt.Errorf("reservation %q: %w", c.r.id, err)
-			}
-			continue
-		}
-		rec := reservationRecord{KeyID: c.r.key.ID, Price: c.r.price, MaxPrice: c.r.maxPrice, Deadline: c.r.deadline}
-		if err := rb.Put(c.r.diskKey(), rec.appendTo(nil)); err != nil {
-			return fmt.Errorf("reservation %q: %w", c.r.id, err)
+	for i := range res {
+		if err := putReservation(rb, &res[i]); err != nil {
+			return err
 		}
 	}
 	if !s.outbox {
 		return nil
 	}
 	ob := tx.Bucket(bucketOutbox)
-	for _, a := range alerts {
-		v, err := json.Marshal(a)
-		if err != nil {
+	for i := range alerts {
+		if err := putAlert(ob, &alerts[i]); err != nil {
 			return err
 		}
-		if err := ob.Put([]byte(a.ID), v); err != nil {
-			return fmt.Errorf("alert %s: %w", a.ID, err)
+	}
+	return nil
+}
+
+// putReservation writes a reservation opened, or deletes one settled.
+func putReservation(rb *bolt.Bucket, c *resChange) error {
+	if !c.open {
+		if err := rb.Delete(c.r.diskKey()); err != nil {
+			return fmt.Errorf("reservation %q: %w", c.r.id, err)
 		}
+		return nil
+	}
+	rec := reservationRecord{KeyID: c.r.key.ID, Price: c.r.price, MaxPrice: c.r.maxPrice, Deadline: c.r.deadline}
+	if err := rb.Put(c.r.diskKey(), rec.appendTo(nil)); err != nil {
+		return fmt.Errorf("reservation %q: %w", c.r.id, err)
+	}
+	return nil
+}
+
+// putAlert puts a in the outbox.
+func putAlert(ob *bolt.Bucket, a *Alert) error {
+	v, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	if err := ob.Put([]byte(a.ID), v); err != nil {
+		return fmt.Errorf("alert %s: %w", a.ID, err)
 	}
 	return nil
 }

@@ -102,18 +102,18 @@ func TestSortEntries(t *testing.T) {
 				in := make([]string, n)
 				for i := range n {
 					in[i] = gen(i)
-					es = b.add(es, in[i], money.Micros(i), int32(i))
+					es = b.add(es, in[i], money.Micros(i), int32(i), i%3 == 0)
 				}
 				got, other := sortEntries(es, make([]batchEntry, 3), b.ids, nil)
-				// The same entries, each with its own ID, value and
-				// period, in the order of a plain sort of the IDs.
+				// The same entries, each with its own ID, value,
+				// period and last flag, in the order of a plain sort of the IDs.
 				ids := make([]string, len(got))
 				seen := make(map[money.Micros]bool, n)
 				for i := range got {
 					f := &got[i]
 					ids[i] = string(b.id(f))
-					if f.val < 0 || int(f.val) >= n || in[f.val] != ids[i] || f.period != int32(f.val) || seen[f.val] {
-						t.Fatalf("n=%d: entry %d after the sort: ID %q, value %d, period %d", n, i, ids[i], f.val, f.period)
+					if f.val < 0 || int(f.val) >= n || in[f.val] != ids[i] || f.period != int32(f.val) || f.last != (f.val%3 == 0) || seen[f.val] {
+						t.Fatalf("n=%d: entry %d after the sort: ID %q, value %d, period %d, last %v", n, i, ids[i], f.val, f.period, f.last)
 					}
 					seen[f.val] = true
 				}
@@ -356,5 +356,175 @@ func TestCreditDuringPacedFlush(t *testing.T) {
 		if a.Balance != want || k.Spent != 10 {
 			t.Fatalf("account %d on disk: balance %d, spent %d; want %d and 10", i, a.Balance, k.Spent, want)
 		}
+	}
+}
+
+// TestFlushCrashBetweenParts flushes in parts of three values and copies
+// the file after each part's commit, as a crash there would leave it. Each
+// copy must be safe to restart from: every balance and spend is either
+// before or after the flush; a key whose account's balance is written has
+// its spend written (a cap never counts fewer debits than the balance);
+// a settled reservation is gone once its charge is in the balance (no
+// double charge at expiry); an account that raised an alert has it in the
+// outbox exactly when its values are written. The last copy is the whole
+// flush.
+func TestFlushCrashBetweenParts(t *testing.T) {
+	path := t.TempDir() + "/keygate.db"
+	s, err := Open(path, Options{Outbox: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	const accounts, keysPer = 8, 2
+	var (
+		ids  [accounts]string
+		keys [accounts][keysPer]*Key
+	)
+	for i := range accounts {
+		ids[i] = fmt.Sprintf("acct-%d", i)
+		if _, err := s.CreateAccount(ids[i], "", 1000, now); err != nil {
+			t.Fatal(err)
+		}
+		for j := range keysPer {
+			_, secret, err := s.CreateKey(NewKey{Account: ids[i], Scopes: []string{"a"}, SpendCap: 100}, now)
+			if err != nil {
+				t.Fatal(err)
+			}
+			keys[i][j], _ = s.Lookup(secret, now)
+		}
+	}
+	// Before: a first flush, so that every spend has a value on disk.
+	for i := range accounts {
+		for j := range keysPer {
+			if err := s.Debit(keys[i][j], 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Then a flush with account 5's reservation of 7 and account 6's of
+	// 4, open. The flush under test: every key spends 2 more, twice;
+	// account 3's first key crosses half its cap (an alert); account 5
+	// settles its reservation (its record is deleted, its charge
+	// debited); account 6 keeps its own.
+	for i := range accounts {
+		for j := range keysPer {
+			if err := s.Debit(keys[i][j], 2); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := s.Reserve(keys[5][0], "req-settled", 7, 7, now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reserve(keys[6][0], "req-open", 4, 4, now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Flush(); err != nil { // both reservations on disk, open
+		t.Fatal(err)
+	}
+	if got, _ := s.Settle("req-settled", true, 0, false); got != SettleCommitted {
+		t.Fatalf("Settle: %v", got)
+	}
+	for i := range accounts {
+		for j := range keysPer {
+			if err := s.Debit(keys[i][j], 2); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := s.Debit(keys[3][0], 50); err != nil {
+		t.Fatal(err)
+	}
+	type state struct {
+		balance  money.Micros
+		reserved money.Micros
+		spent    [keysPer]money.Micros
+	}
+	read := func(st *Store) (out [accounts]state) {
+		for i := range accounts {
+			a, err := st.Account(ids[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[i].balance, out[i].reserved = a.Balance, a.Reserved
+			for j := range keysPer {
+				k, err := st.Key(keys[i][j].ID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				out[i].spent[j] = k.Spent
+			}
+		}
+		return out
+	}
+	old := func() (out [accounts]state) {
+		r, err := Open(copyFile(t, path), Options{Outbox: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		return read(r)
+	}()
+	want := read(s)
+
+	var copies []string
+	s.flushPart = 3
+	s.afterPart = func() { copies = append(copies, copyFile(t, path)) }
+	if err := s.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// 16 spends and 8 balances, 1 reservation and 1 alert: the last
+	// transaction holds account 3 (3 values) and its alert.
+	if len(copies) < 8 {
+		t.Fatalf("the flush committed %d parts; want at least 8", len(copies))
+	}
+	for c, p := range copies {
+		r, err := Open(p, Options{Outbox: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := read(r)
+		alerts, err := r.PendingAlerts()
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Close()
+		for i := range accounts {
+			g, o, w := got[i], old[i], want[i]
+			if g.balance != o.balance && g.balance != w.balance {
+				t.Errorf("copy %d: %s's balance is %d; want %d or %d", c, ids[i], g.balance, o.balance, w.balance)
+			}
+			for j := range keysPer {
+				if g.spent[j] != o.spent[j] && g.spent[j] != w.spent[j] {
+					t.Errorf("copy %d: %s key %d spent %d; want %d or %d", c, ids[i], j, g.spent[j], o.spent[j], w.spent[j])
+				}
+				if g.balance == w.balance && g.spent[j] != w.spent[j] {
+					t.Errorf("copy %d: %s's balance is written but key %d's spend is not", c, ids[i], j)
+				}
+			}
+		}
+		if got[5].balance == want[5].balance && got[5].reserved != 0 {
+			t.Errorf("copy %d: the settled reservation's charge is on disk and so is the reservation (%d reserved): a restart charges it twice", c, got[5].reserved)
+		}
+		var alerted bool
+		for _, a := range alerts {
+			alerted = alerted || a.Account == ids[3]
+		}
+		if bal, spent := got[3].balance == want[3].balance, got[3].spent[0] == want[3].spent[0]; alerted != bal || alerted != spent {
+			t.Errorf("copy %d: %s's alert in the outbox: %v; its balance written: %v, the spend that raised it: %v", c, ids[3], alerted, bal, spent)
+		}
+	}
+	last := copies[len(copies)-1]
+	r, err := Open(last, Options{Outbox: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got := read(r); got != want {
+		t.Errorf("after the whole flush:\n got %+v\nwant %+v", got, want)
 	}
 }

@@ -113,9 +113,15 @@ type Store struct {
 
 	// wmu serialises admin writes and flushes, so that memory is changed
 	// only after the disk, in the disk's order. The hot path never takes it.
-	wmu       sync.Mutex
-	closed    bool
-	batch     flushBatch
+	wmu    sync.Mutex
+	closed bool
+	batch  flushBatch
+	// flushPart is the most values a flush writes in one transaction:
+	// defaultFlushPart, lowered by tests to see a flush in many parts.
+	flushPart int
+	// afterPart, when not nil, runs after each of a flush's transactions
+	// commits: tests copy the file there, as a crash would leave it.
+	afterPart func()
 	interned  map[string]string   // tiers and scopes
 	scopeSets map[string][]string // encoded scope list -> shared slice
 
@@ -169,6 +175,7 @@ func Open(path string, o Options) (*Store, error) {
 		log:        o.Log,
 		path:       path,
 		flushEvery: o.FlushInterval,
+		flushPart:  defaultFlushPart,
 		metrics:    m,
 		idx:        new(hashIndex),
 		endOfList:  new(keyEntry),
