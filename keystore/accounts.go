@@ -40,6 +40,10 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 		return Account{}, fmt.Errorf("%w: %s", ErrAccountExists, id)
 	}
 	rec := accountRecord{Tier: tier, CreatedAt: created, AlertBelow: o.alertBelow}
+	slot, err := s.accountSlots.peek(1)
+	if err != nil {
+		return Account{}, fmt.Errorf("create account %s: %w", id, err)
+	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketAccounts).Get([]byte(id)) != nil {
 			return fmt.Errorf("%w: %s (on disk)", ErrAccountExists, id)
@@ -47,12 +51,20 @@ func (s *Store) CreateAccount(id, tier string, balance money.Micros, now time.Ti
 		if err := tx.Bucket(bucketAccounts).Put([]byte(id), rec.appendTo(nil)); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketBalances).Put([]byte(id), microsValue(balance))
+		if err := tx.Bucket(bucketAccountSlots).Put([]byte(id), slotRecord(slot)); err != nil {
+			return err
+		}
+		w := newBlockWriter(tx)
+		if err := w.set(blockAccounts, slot, balance, 0); err != nil {
+			return err
+		}
+		return w.flush()
 	})
 	if err != nil {
 		return Account{}, fmt.Errorf("create account %s: %w", id, err)
 	}
-	a := &account{id: id, tier: s.internLocked(tier), createdAt: created, balance: balance, alertBelow: o.alertBelow}
+	s.accountSlots.commit(slot + 1)
+	a := &account{id: id, tier: s.internLocked(tier), createdAt: created, balance: balance, alertBelow: o.alertBelow, slot: slot}
 	s.mu.Lock()
 	s.accounts[id] = a
 	s.mu.Unlock()
@@ -143,7 +155,7 @@ func (s *Store) Credit(id string, amount money.Micros, opts ...AccountOption) (A
 	a.mu.Lock()
 	before := a.balance
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; e = e.nextDirty {
-		spends = append(spends, flushEntry{id: e.cur.ID, val: e.spent, period: e.period}) // s.wmu keeps cur stable
+		spends = append(spends, flushEntry{slot: e.slot, val: e.spent, period: e.period})
 	}
 	for r := a.dirtyRes; r != nil && r != s.endOfRes; r = r.nextDirty {
 		res = append(res, resChange{r: r, open: r.open})
@@ -156,19 +168,22 @@ func (s *Store) Credit(id string, amount money.Micros, opts ...AccountOption) (A
 		return Account{}, fmt.Errorf("%w: crediting %s to %s would take its balance past %s", ErrInvalid, amount, id, money.Max)
 	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketBalances).Put([]byte(id), microsValue(before+amount)); err != nil {
+		w := newBlockWriter(tx)
+		for _, f := range spends {
+			if err := w.set(blockKeys, f.slot, f.val, f.period); err != nil {
+				return err
+			}
+		}
+		if err := w.set(blockAccounts, a.slot, before+amount, 0); err != nil {
+			return err
+		}
+		if err := w.flush(); err != nil {
 			return err
 		}
 		if o.setAlertBelow {
 			rec := accountRecord{Tier: a.tier, CreatedAt: a.createdAt, AlertBelow: o.alertBelow}
 			if err := tx.Bucket(bucketAccounts).Put([]byte(id), rec.appendTo(nil)); err != nil {
 				return err
-			}
-		}
-		sp := tx.Bucket(bucketSpend)
-		for _, f := range spends {
-			if err := sp.Put([]byte(f.id), putSpend(make([]byte, 12), f.val, f.period)); err != nil {
-				return fmt.Errorf("spend of %s: %w", f.id, err)
 			}
 		}
 		return s.writeChangesLocked(tx, res, alerts)

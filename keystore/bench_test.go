@@ -81,17 +81,21 @@ func getFixture(tb testing.TB, nAccounts, nKeys int) *fixture {
 	}
 	defer db.Close()
 	err = db.Update(func(tx *bolt.Tx) error {
+		w := newBlockWriter(tx)
 		for i := range nAccounts {
 			id := accountName(i)
 			rec := accountRecord{Tier: "tier1", CreatedAt: benchNow.UnixNano()}
 			if err := tx.Bucket(bucketAccounts).Put([]byte(id), rec.appendTo(nil)); err != nil {
 				return err
 			}
-			if err := tx.Bucket(bucketBalances).Put([]byte(id), microsValue(money.Max)); err != nil {
+			if err := tx.Bucket(bucketAccountSlots).Put([]byte(id), slotRecord(uint32(i))); err != nil {
+				return err
+			}
+			if err := w.set(blockAccounts, uint32(i), money.Max, 0); err != nil {
 				return err
 			}
 		}
-		return nil
+		return w.flush()
 	})
 	if err != nil {
 		tb.Fatal(err)
@@ -134,19 +138,24 @@ func getFixture(tb testing.TB, nAccounts, nKeys int) *fixture {
 	const batch = 100_000
 	for start := 0; start < len(all); start += batch {
 		err := db.Update(func(tx *bolt.Tx) error {
-			keys, spend := tx.Bucket(bucketKeys), tx.Bucket(bucketSpend)
-			keys.FillPercent, spend.FillPercent = 1, 1 // sequential inserts
+			keys, slots := tx.Bucket(bucketKeys), tx.Bucket(bucketKeySlots)
+			keys.FillPercent, slots.FillPercent = 1, 1 // sequential inserts
+			w := newBlockWriter(tx)
 			for i, e := range all[start:min(start+batch, len(all))] {
+				slot := uint32(start + i)
 				if err := keys.Put([]byte(e.id), e.rec); err != nil {
 					return err
 				}
-				if (start+i)%10 == 0 {
-					if err := spend.Put([]byte(e.id), microsValue(money.Micros(i))); err != nil {
+				if err := slots.Put([]byte(e.id), slotRecord(slot)); err != nil {
+					return err
+				}
+				if slot%10 == 0 {
+					if err := w.set(blockKeys, slot, money.Micros(i), 0); err != nil {
 						return err
 					}
 				}
 			}
-			return nil
+			return w.flush()
 		})
 		if err != nil {
 			tb.Fatal(err)

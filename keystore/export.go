@@ -95,7 +95,11 @@ func (s *Store) Export() (Export, error) {
 
 // readAccounts reads the accounts and their balances.
 func (x *Export) readAccounts(tx *bolt.Tx) error {
-	bal := tx.Bucket(bucketBalances)
+	blocks, err := readBlocks(tx, blockAccounts)
+	if err != nil {
+		return err
+	}
+	slots := tx.Bucket(bucketAccountSlots)
 	b := tx.Bucket(bucketAccounts)
 	x.Accounts = make([]ExportedAccount, 0, b.Stats().KeyN)
 	return b.ForEach(func(k, v []byte) error {
@@ -103,18 +107,25 @@ func (x *Export) readAccounts(tx *bolt.Tx) error {
 		if err := a.Record.UnmarshalBinary(v); err != nil {
 			return fmt.Errorf("account %s: %w", k, err)
 		}
-		var err error
-		if a.Balance, err = getBalance(bal.Get(k)); err != nil {
-			return fmt.Errorf("balance of %s: %w", k, err)
+		slot, err := getSlot(slots.Get(k))
+		if err != nil {
+			return fmt.Errorf("account %s: %w", k, err)
+		}
+		if a.Balance, err = blocks.balance(slot); err != nil {
+			return fmt.Errorf("account %s: %w", k, err)
 		}
 		x.Accounts = append(x.Accounts, a)
 		return nil
 	})
 }
 
-// readKeys reads the keys and their spend (none recorded: 0).
+// readKeys reads the keys and their spend.
 func (x *Export) readKeys(tx *bolt.Tx) error {
-	spend := tx.Bucket(bucketSpend)
+	blocks, err := readBlocks(tx, blockKeys)
+	if err != nil {
+		return err
+	}
+	slots := tx.Bucket(bucketKeySlots)
 	b := tx.Bucket(bucketKeys)
 	x.Keys = make([]ExportedKey, 0, b.Stats().KeyN)
 	return b.ForEach(func(k, v []byte) error {
@@ -122,11 +133,12 @@ func (x *Export) readKeys(tx *bolt.Tx) error {
 		if err := key.Record.UnmarshalBinary(v); err != nil {
 			return fmt.Errorf("key %s: %w", k, err)
 		}
-		if raw := spend.Get(k); raw != nil {
-			var err error
-			if key.Spent, key.Period, err = getSpend(raw); err != nil {
-				return fmt.Errorf("spend of %s: %w", k, err)
-			}
+		slot, err := getSlot(slots.Get(k))
+		if err != nil {
+			return fmt.Errorf("key %s: %w", k, err)
+		}
+		if key.Spent, key.Period, err = blocks.spend(slot); err != nil {
+			return fmt.Errorf("key %s: %w", k, err)
 		}
 		x.Keys = append(x.Keys, key)
 		return nil

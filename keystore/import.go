@@ -86,10 +86,11 @@ func (s *Store) Import(accounts []ImportAccount, keys []NewKey, now time.Time) (
 	if err != nil {
 		return nil, err
 	}
-	if err := s.writeImport(accounts, out, recs, created); err != nil {
+	slots, err := s.writeImport(accounts, out, recs, created)
+	if err != nil {
 		return nil, fmt.Errorf("import %d accounts and %d keys: %w", len(accounts), len(keys), err)
 	}
-	s.publishImportLocked(accounts, out, recs, created)
+	s.publishImportLocked(accounts, out, recs, created, slots)
 	s.log.Info("import", zap.Int("accounts", len(accounts)), zap.Int("keys", len(keys)))
 	return out, nil
 }
@@ -143,10 +144,15 @@ func (s *Store) newKeyRecordsLocked(nks []NewKey, expires []int64, created int64
 	return out, recs, nil
 }
 
+// importSlots are the ledger slots of an import's accounts and keys, in
+// the order they were given.
+type importSlots struct{ accounts, keys []uint32 }
+
 // writeImport writes the import in one transaction, each bucket in key
-// order. bbolt keeps the values until the commit: they are cut from a few
-// large buffers rather than allocated one by one.
-func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs []keyRecord, created int64) error {
+// order, and gives the accounts and then the keys consecutive ledger slots
+// in that order. bbolt keeps the values until the commit: they are cut
+// from a few large buffers rather than allocated one by one.
+func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs []keyRecord, created int64) (importSlots, error) {
 	byID := func(n int, id func(int) string) []int {
 		order := make([]int, n)
 		for i := range order {
@@ -157,10 +163,26 @@ func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs [
 	}
 	acctOrder := byID(len(accounts), func(i int) string { return accounts[i].ID })
 	keyOrder := byID(len(keys), func(i int) string { return keys[i].ID })
-	buf := make([]byte, 0, 32*len(accounts)+128*len(keys)) // about right: fewer copies
+	firstAcct, err := s.accountSlots.peek(len(accounts))
+	if err != nil {
+		return importSlots{}, err
+	}
+	firstKey, err := s.keySlots.peek(len(keys))
+	if err != nil {
+		return importSlots{}, err
+	}
+	slots := importSlots{accounts: make([]uint32, len(accounts)), keys: make([]uint32, len(keys))}
+	for rank, i := range acctOrder {
+		slots.accounts[i] = firstAcct + uint32(rank)
+	}
+	for rank, i := range keyOrder {
+		slots.keys[i] = firstKey + uint32(rank)
+	}
+	buf := make([]byte, 0, 40*len(accounts)+136*len(keys)) // about right: fewer copies
 	cut := func(start int) []byte { return buf[start:len(buf):len(buf)] }
-	return s.db.Update(func(tx *bolt.Tx) error {
-		acc, bal, kb := tx.Bucket(bucketAccounts), tx.Bucket(bucketBalances), tx.Bucket(bucketKeys)
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		acc, as, kb, ks := tx.Bucket(bucketAccounts), tx.Bucket(bucketAccountSlots), tx.Bucket(bucketKeys), tx.Bucket(bucketKeySlots)
+		w := newBlockWriter(tx)
 		for _, i := range acctOrder {
 			ia := &accounts[i]
 			if acc.Get([]byte(ia.ID)) != nil {
@@ -172,10 +194,16 @@ func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs [
 				return err
 			}
 			start = len(buf)
-			buf = binary.BigEndian.AppendUint64(buf, uint64(ia.Balance))
-			if err := bal.Put([]byte(ia.ID), cut(start)); err != nil {
+			buf = binary.BigEndian.AppendUint32(buf, slots.accounts[i])
+			if err := as.Put([]byte(ia.ID), cut(start)); err != nil {
 				return err
 			}
+			if err := w.set(blockAccounts, slots.accounts[i], ia.Balance, 0); err != nil {
+				return err
+			}
+		}
+		if err := w.flush(); err != nil {
+			return err
 		}
 		for _, i := range keyOrder {
 			start := len(buf)
@@ -183,18 +211,29 @@ func (s *Store) writeImport(accounts []ImportAccount, keys []ImportedKey, recs [
 			if err := kb.Put([]byte(keys[i].ID), cut(start)); err != nil {
 				return err
 			}
+			start = len(buf)
+			buf = binary.BigEndian.AppendUint32(buf, slots.keys[i])
+			if err := ks.Put([]byte(keys[i].ID), cut(start)); err != nil {
+				return err
+			}
 		}
 		return nil
 	})
+	if err != nil {
+		return importSlots{}, err
+	}
+	s.accountSlots.commit(firstAcct + uint32(len(accounts)))
+	s.keySlots.commit(firstKey + uint32(len(keys)))
+	return slots, nil
 }
 
 // publishImportLocked makes a committed import visible to reads and to
 // Lookup. The accounts, keys and entries each live in one array, as after
 // Open. The caller holds s.wmu.
-func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey, recs []keyRecord, created int64) {
+func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey, recs []keyRecord, created int64, slots importSlots) {
 	slab := make([]account, len(accounts))
 	for i, ia := range accounts {
-		slab[i] = account{id: ia.ID, tier: s.internLocked(ia.Tier), createdAt: created, balance: ia.Balance}
+		slab[i] = account{id: ia.ID, tier: s.internLocked(ia.Tier), createdAt: created, balance: ia.Balance, slot: slots.accounts[i]}
 	}
 	ks := make([]Key, len(keys))
 	es := make([]keyEntry, len(keys))
@@ -208,7 +247,7 @@ func (s *Store) publishImportLocked(accounts []ImportAccount, keys []ImportedKey
 		rec := &recs[i]
 		a := s.accounts[rec.Account]
 		e, k := &es[i], &ks[i]
-		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, cur: k}
+		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, cur: k, slot: slots.keys[i]}
 		*k = Key{
 			ID: keys[i].ID, Scopes: s.scopeSetLocked(rec.Scopes),
 			RateLimit: rec.RateLimit, SpendCap: rec.SpendCap, expiresAt: rec.ExpiresAt, acct: a, entry: e,

@@ -117,13 +117,17 @@ func (s *Store) CreateKey(nk NewKey, now time.Time) (KeyInfo, string, error) {
 		RateLimit: nk.RateLimit, SpendCap: nk.SpendCap, CreatedAt: created, ExpiresAt: expires,
 		CapPeriod: nk.CapPeriod,
 	}
+	slot, err := s.keySlots.peek(1)
+	if err != nil {
+		return KeyInfo{}, "", fmt.Errorf("create key for %s: %w", a.id, err)
+	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		return putKey(tx, id, &rec)
+		return putNewKey(tx, id, &rec, slot)
 	})
 	if err != nil {
 		return KeyInfo{}, "", fmt.Errorf("create key for %s: %w", a.id, err)
 	}
-	e := s.publishNewKeyLocked(id, a, &rec)
+	e := s.publishNewKeyLocked(id, a, &rec, slot)
 	s.log.Info("key created", zap.String("key_id", id), zap.String("account", a.id))
 	return s.keyInfoLocked(e), secret, nil
 }
@@ -259,6 +263,10 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old KeyIn
 	if err != nil {
 		return old, nw, "", err
 	}
+	slot, err := s.keySlots.peek(1)
+	if err != nil {
+		return old, nw, "", fmt.Errorf("rotate %s: %w", id, err)
+	}
 	var oldHash [hashSize]byte
 	var rec keyRecord
 	err = s.db.Update(func(tx *bolt.Tx) error {
@@ -276,22 +284,23 @@ func (s *Store) Rotate(id string, grace time.Duration, now time.Time) (old KeyIn
 		if err := putKey(tx, id, &oldRec); err != nil {
 			return err
 		}
-		return putKey(tx, newID, &rec)
+		return putNewKey(tx, newID, &rec, slot)
 	})
 	if err != nil {
 		return old, nw, "", fmt.Errorf("rotate %s: %w", id, err)
 	}
-	ne := s.publishNewKeyLocked(newID, k.acct, &rec)
+	ne := s.publishNewKeyLocked(newID, k.acct, &rec, slot)
 	s.republishLocked(e, oldHash, revokeAt, newID)
 	s.log.Info("key rotated", zap.String("key_id", id), zap.String("new_key_id", newID),
 		zap.String("account", k.Account()), zap.Duration("grace", grace))
 	return s.keyInfoLocked(e), s.keyInfoLocked(ne), secret, nil
 }
 
-// publishNewKeyLocked makes a committed new key visible to reads and to
-// Lookup. The caller holds s.wmu.
-func (s *Store) publishNewKeyLocked(id string, a *account, rec *keyRecord) *keyEntry {
-	e := &keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod}
+// publishNewKeyLocked makes a committed new key, with its ledger slot,
+// visible to reads and to Lookup. The caller holds s.wmu.
+func (s *Store) publishNewKeyLocked(id string, a *account, rec *keyRecord, slot uint32) *keyEntry {
+	s.keySlots.commit(slot + 1)
+	e := &keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, slot: slot}
 	k := &Key{
 		ID: id, Scopes: s.scopeSetLocked(rec.Scopes),
 		RateLimit: rec.RateLimit, SpendCap: rec.SpendCap,
@@ -440,6 +449,15 @@ func validateKey(nk *NewKey) error {
 // putKey and getKey write and read a key record inside a transaction.
 func putKey(tx *bolt.Tx, id string, rec *keyRecord) error {
 	return tx.Bucket(bucketKeys).Put([]byte(id), rec.appendTo(nil))
+}
+
+// putNewKey writes a new key's record and its ledger slot. The slot was
+// never used, so its spend in the ledger is 0 already.
+func putNewKey(tx *bolt.Tx, id string, rec *keyRecord, slot uint32) error {
+	if err := putKey(tx, id, rec); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketKeySlots).Put([]byte(id), slotRecord(slot))
 }
 
 func getKey(tx *bolt.Tx, id string) (keyRecord, error) {

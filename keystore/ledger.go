@@ -1,9 +1,7 @@
 package keystore
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,6 +40,7 @@ type account struct {
 	id        string
 	tier      string
 	createdAt int64
+	slot      uint32 // in the ledger (slots.go)
 
 	keys []*keyEntry // guarded by Store.mu; written with Store.wmu held too
 }
@@ -58,6 +57,7 @@ type keyEntry struct {
 	nextDirty *keyEntry
 	period    int32 // the cap period that spent belongs to
 	capPeriod Period
+	slot      uint32 // in the ledger (slots.go); immutable after creation
 
 	// Guarded by Store.mu; written with Store.wmu held too.
 	cur       *Key
@@ -226,16 +226,14 @@ func (s *Store) lock() {
 }
 
 // flushBatch holds one flush's snapshot; the Store keeps it between flushes
-// so that a steady flusher does not allocate. Its entries and IDs hold no
+// so that a steady flusher does not allocate. Its entries hold no
 // pointers: a flush of 100,000 accounts keeps 200,000 of them alive for a
 // few seconds, and the garbage collector, which runs several times during
 // such a flush and shares the Checks' CPU, does not have to scan them.
 type flushBatch struct {
-	accounts []batchEntry // balances by account ID
-	keys     []batchEntry // spends by key ID
+	accounts []batchEntry // balances, by slot once sorted
+	keys     []batchEntry // spends, by slot once sorted
 	tmp      []batchEntry // the radix sort's other buffer
-	ids      []byte       // the entries' IDs, end to end
-	values   []byte       // what bbolt holds on to until the commit
 
 	// Reservations opened or settled, and alerts raised, since the last
 	// flush: rare next to debits, so kept simple.
@@ -251,49 +249,29 @@ type resChange struct {
 
 // flushEntry is a value to write: a balance, or a spend and its cap period.
 type flushEntry struct {
-	id     string
+	slot   uint32
 	val    money.Micros
 	period int32 // of a spend: its cap period's number, or 0
 }
 
-// batchEntry is one value of a flush. pre holds the first 16 bytes of the
-// ID, big-endian and zero-padded, so that sorting reads no pointer (a
-// comparison sort through the accounts and keys, three dependent loads a
-// side, cost more than the writes); the ID itself is flushBatch.ids[off:
-// off+n].
+// batchEntry is one value of a flush, in its ledger slot.
 type batchEntry struct {
-	pre    [2]uint64
-	val    money.Micros
-	off, n uint32
+	slot   uint32
 	period int32
+	val    money.Micros
 	// last: the account raised alerts since the last flush, so its
 	// balance and spends go in the flush's last transaction, with them.
 	last bool
 }
 
-// add appends the entry for id to es, copying id into b.ids.
-func (b *flushBatch) add(es []batchEntry, id string, val money.Micros, period int32, last bool) []batchEntry {
-	var p [16]byte
-	copy(p[:], id)
-	es = append(es, batchEntry{
-		pre: [2]uint64{binary.BigEndian.Uint64(p[:8]), binary.BigEndian.Uint64(p[8:])},
-		val: val, off: uint32(len(b.ids)), n: uint32(len(id)), period: period, last: last,
-	})
-	b.ids = append(b.ids, id...)
-	return es
-}
-
-// id is f's ID; it is valid until the next flush.
-func (b *flushBatch) id(f *batchEntry) []byte { return b.ids[f.off : f.off+f.n : f.off+f.n] }
-
-// Relative costs of a flush's work per value, for the pacer's measure of
-// progress (measured: a bbolt put with sorted keys is about 0.75µs, the
-// snapshot 0.2µs a value, the sort 0.15µs). The commits, bursts that
-// cannot be split, count as part of the puts.
+// Relative costs of a flush's work, for the pacer's measure of progress
+// (measured at 100,000 accounts: the snapshot about 0.3µs a value, the
+// sort 0.02µs, a block's Get, changes, Put and share of the commit about
+// 10µs).
 const (
-	costSnapshot = 0.25
-	costSort     = 0.15
-	costPut      = 1
+	costSnapshot = 0.3
+	costSort     = 0.02
+	costBlock    = 10
 )
 
 // flushLocked is Flush with s.wmu held; p is nil for a flush at full speed.
@@ -308,27 +286,22 @@ const (
 //     its charge reaches the balance, so a restart cannot expire it and
 //     charge it again (a crash in between loses the charge, as it would
 //     lose any unflushed debit);
-//  2. spends, in ID order: a key's spend reaches the disk before the
-//     balance its debits came from, so after a crash a cap counts every
-//     debit the balance does, and perhaps a few more, never fewer;
-//  3. balances, in ID order;
+//  2. spends, by block: a key's spend reaches the disk before the balance
+//     its debits came from, so after a crash a cap counts every debit the
+//     balance does, and perhaps a few more, never fewer;
+//  3. balances, by block;
 //  4. last, in one transaction, the accounts that raised alerts, whole
-//     (balance and spends), with the alerts: an alert is neither lost
-//     nor raised twice by a crash.
-//
-// Each part is a run of sorted IDs, so it rewrites few pages: splitting by
-// account instead spreads every part over the whole spend bucket (measured:
-// 2.6 times the CPU in 40 parts).
+//     (balance and spends), with the alerts: an alert is neither lost nor
+//     raised twice by a crash.
 func (s *Store) flushLocked(p *pacer) error {
 	start := time.Now()
 	dirty := int(max(s.dirtyCount.Swap(0), 0))
-	p.begin(start, float64(dirty)*(costSnapshot+2*(costSort+costPut)))
+	p.begin(start, float64(dirty)*(2*(costSnapshot+costSort)+costBlock/16))
 	b := &s.batch
 	// Room for every dirty account and one key each, at once: growing
 	// by doubling would leave as much again as garbage.
 	b.accounts = slices.Grow(b.accounts[:0], dirty)
 	b.keys = slices.Grow(b.keys[:0], dirty)
-	b.ids = slices.Grow(b.ids[:0], 2*dirty*idSizeGuess)
 	b.res, b.alerts = b.res[:0], b.alerts[:0]
 	defer func() {
 		clear(b.res) // settled reservations must not stay reachable
@@ -348,12 +321,10 @@ func (s *Store) flushLocked(p *pacer) error {
 	if n == 0 {
 		return nil // no account was dirty: nor were its reservations and alerts
 	}
-	p.left(float64(n) * (costSort + costPut))
-	// Sorted keys make bbolt's puts sequential: each page is changed by a
-	// run of puts while it is in the cache (random order costs twice).
-	b.accounts, b.tmp = sortEntries(b.accounts, b.tmp, b.ids, p)
-	b.keys, b.tmp = sortEntries(b.keys, b.tmp, b.ids, p)
-	p.left(float64(n) * costPut)
+	p.left(float64(n)*costSort + float64(n)*costBlock/16)
+	b.accounts, b.tmp = sortBySlot(b.accounts, b.tmp, p)
+	b.keys, b.tmp = sortBySlot(b.keys, b.tmp, p)
+	p.left(float64(blocks(b.accounts)+blocks(b.keys)+len(b.res)/64+1) * costBlock)
 	err := s.writeLocked(b, p)
 	if err != nil {
 		s.remarkLocked(b)
@@ -366,23 +337,19 @@ func (s *Store) flushLocked(p *pacer) error {
 	return err
 }
 
-// idSizeGuess is about the length of an account or key ID, to size the
-// batch's IDs before the snapshot.
-const idSizeGuess = 24
-
 // snapshotLocked copies a's balance and changed spends into b, marks them
 // clean, and returns the next dirty account. The caller holds s.wmu, so the
-// keys' IDs are stable.
+// keys are stable.
 func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 	a.mu.Lock()
 	next := a.nextDirty
 	a.nextDirty, a.dirty = nil, false
 	last := len(a.alerts) > 0
-	b.accounts = b.add(b.accounts, a.id, a.balance, 0, last)
+	b.accounts = append(b.accounts, batchEntry{slot: a.slot, val: a.balance, last: last})
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; {
 		n := e.nextDirty
 		e.nextDirty = nil
-		b.keys = b.add(b.keys, e.cur.ID, e.spent, e.period, last)
+		b.keys = append(b.keys, batchEntry{slot: e.slot, val: e.spent, period: e.period, last: last})
 		e = n
 	}
 	a.dirtyKeys = nil
@@ -400,61 +367,84 @@ func (s *Store) snapshotLocked(a *account, b *flushBatch) *account {
 	return next
 }
 
-// defaultFlushPart is the most values one of a flush's transactions
-// writes. A commit is a burst the pacer cannot split: bbolt serialises
-// every page the transaction changed, writes them and fsyncs. In one
-// transaction, 100,000 accounts made a commit of about 50ms of CPU, which
-// held up every Check sharing its core; 8,192 sorted values change a few
-// hundred pages, a commit of about 2ms.
-const defaultFlushPart = 8192
+// blocks counts the ledger blocks that the sorted es touch.
+func blocks(es []batchEntry) int {
+	n := 0
+	for i := range es {
+		if i == 0 || es[i].slot/slotsPerBlock != es[i-1].slot/slotsPerBlock {
+			n++
+		}
+	}
+	return n
+}
+
+// defaultFlushPart bounds one of a flush's transactions, in units of a
+// 64th of a block: 512 blocks (2 MiB of pages), or 32,768 reservation
+// records. A commit is a burst the pacer cannot split: bbolt serialises
+// every page the transaction changed, writes them and fsyncs, and with one
+// P (one core) the fsync holds up every Check until it returns. Parts keep
+// each burst to a few milliseconds; few of them keep the fsyncs few.
+const defaultFlushPart = 512 * blockUnits
+
+// blockUnits is a block's weight in a part; a reservation or alert weighs 1.
+const blockUnits = 64
 
 // writeLocked writes the sorted batch, in parts, in flushLocked's order.
 func (s *Store) writeLocked(b *flushBatch, p *pacer) error {
-	w := partWriter{s: s, p: p, size: s.flushPart, vals: b.values[:0]}
-	defer func() {
-		w.rollback()
-		b.values = w.vals[:0]
-	}()
+	w := partWriter{s: s, p: p, size: s.flushPart}
+	defer w.rollback()
 	for i := range b.res {
-		if err := w.reservation(&b.res[i]); err != nil {
+		tx, err := w.next(1)
+		if err != nil {
+			return err
+		}
+		if err := putReservation(tx.Bucket(bucketReserved), &b.res[i]); err != nil {
 			return err
 		}
 	}
-	if err := w.values(bucketSpend, "spend", b, b.keys, false); err != nil {
+	if err := w.blocks(blockKeys, b.keys, false); err != nil {
 		return err
 	}
-	if err := w.values(bucketBalances, "balance", b, b.accounts, false); err != nil {
+	if err := w.blocks(blockAccounts, b.accounts, false); err != nil {
 		return err
 	}
-	// The accounts with alerts, and the alerts, in one transaction.
+	// The accounts with alerts, whole, and the alerts, in one transaction.
 	w.size = 0
-	if err := w.values(bucketSpend, "spend", b, b.keys, true); err != nil {
+	if err := w.blocks(blockKeys, b.keys, true); err != nil {
 		return err
 	}
-	if err := w.values(bucketBalances, "balance", b, b.accounts, true); err != nil {
+	if err := w.blocks(blockAccounts, b.accounts, true); err != nil {
 		return err
 	}
-	if err := w.alerts(b.alerts); err != nil {
-		return err
+	if s.outbox {
+		for i := range b.alerts {
+			tx, err := w.next(1)
+			if err != nil {
+				return err
+			}
+			if err := putAlert(tx.Bucket(bucketOutbox), &b.alerts[i]); err != nil {
+				return err
+			}
+		}
 	}
 	return w.commit()
 }
 
 // partWriter writes a flush as a series of transactions, each of at most
-// size values (0: no limit), opened as they are needed.
+// size units (0: no limit), opened as they are needed.
 type partWriter struct {
 	s    *Store
 	p    *pacer
 	size int
 	tx   *bolt.Tx
-	n    int    // values put in tx
-	vals []byte // room for values: bbolt holds on to them until the commit
+	bw   *blockWriter // tx's
+	n    int          // units in tx
 }
 
-// next returns the open transaction, committing it first and opening
-// another when it holds size values already.
-func (w *partWriter) next() (*bolt.Tx, error) {
-	if w.tx != nil && w.size > 0 && w.n >= w.size {
+// next returns the open transaction for units more of work, committing it
+// first and opening another when it is full.
+func (w *partWriter) next(units int) (*bolt.Tx, error) {
+	if w.tx != nil && w.size > 0 && w.n+units > w.size && w.n > 0 {
 		if err := w.commit(); err != nil {
 			return nil, err
 		}
@@ -464,12 +454,10 @@ func (w *partWriter) next() (*bolt.Tx, error) {
 		if err != nil {
 			return nil, err
 		}
-		w.tx, w.n = tx, 0
+		w.tx, w.bw, w.n = tx, newBlockWriter(tx), 0
 	}
-	w.n++
-	if w.n%16 == 0 {
-		w.p.tick(16 * costPut)
-	}
+	w.n += units
+	w.p.tick(float64(units) * costBlock / blockUnits)
 	return w.tx, nil
 }
 
@@ -479,11 +467,13 @@ func (w *partWriter) commit() error {
 		return nil
 	}
 	tx := w.tx
-	w.tx = nil
+	if err := w.bw.flush(); err != nil {
+		return err
+	}
+	w.tx, w.bw = nil, nil
 	if err := tx.Commit(); err != nil {
 		return err
 	}
-	w.vals = w.vals[:0] // the values are on disk: their room is free
 	if w.s.afterPart != nil {
 		w.s.afterPart()
 	}
@@ -494,57 +484,35 @@ func (w *partWriter) commit() error {
 func (w *partWriter) rollback() {
 	if w.tx != nil {
 		w.tx.Rollback()
-		w.tx = nil
+		w.tx, w.bw = nil, nil
 	}
 }
 
-// values puts the entries of es whose last field is last into bucket.
-func (w *partWriter) values(bucket []byte, what string, b *flushBatch, es []batchEntry, last bool) error {
-	for i := range es {
-		f := &es[i]
-		if f.last != last {
-			continue
+// blocks writes the entries of es (sorted by slot) whose last field is
+// last into their blocks of kind. A block that holds both kinds of entry
+// is written twice, each time with its own entries: the other slots keep
+// what the disk has.
+func (w *partWriter) blocks(kind byte, es []batchEntry, last bool) error {
+	for i := 0; i < len(es); {
+		blk := es[i].slot / slotsPerBlock
+		j, any := i, false
+		for ; j < len(es) && es[j].slot/slotsPerBlock == blk; j++ {
+			any = any || es[j].last == last
 		}
-		tx, err := w.next()
-		if err != nil {
-			return err
+		if any {
+			if _, err := w.next(blockUnits); err != nil {
+				return err
+			}
+			for _, f := range es[i:j] {
+				if f.last != last {
+					continue
+				}
+				if err := w.bw.set(kind, f.slot, f.val, f.period); err != nil {
+					return err
+				}
+			}
 		}
-		if len(w.vals)+12 > cap(w.vals) {
-			// Only the last, unbounded transaction gets here: the
-			// values already put keep the old array alive.
-			w.vals = make([]byte, 0, max(12*w.s.flushPart, 2*cap(w.vals)))
-		}
-		v := putSpend(w.vals[len(w.vals):len(w.vals)+12], f.val, f.period)
-		w.vals = w.vals[:len(w.vals)+len(v)]
-		if err := tx.Bucket(bucket).Put(b.id(f), v); err != nil {
-			return fmt.Errorf("%s of %s: %w", what, b.id(f), err)
-		}
-	}
-	return nil
-}
-
-// reservation writes a reservation opened, or deletes one settled.
-func (w *partWriter) reservation(c *resChange) error {
-	tx, err := w.next()
-	if err != nil {
-		return err
-	}
-	return putReservation(tx.Bucket(bucketReserved), c)
-}
-
-// alerts puts the alerts in the outbox, when there is one.
-func (w *partWriter) alerts(alerts []Alert) error {
-	if !w.s.outbox {
-		return nil
-	}
-	for i := range alerts {
-		tx, err := w.next()
-		if err != nil {
-			return err
-		}
-		if err := putAlert(tx.Bucket(bucketOutbox), &alerts[i]); err != nil {
-			return err
-		}
+		i = j
 	}
 	return nil
 }
@@ -598,57 +566,38 @@ func putAlert(ob *bolt.Bucket, a *Alert) error {
 	return nil
 }
 
-// sortEntries sorts es by ID (ids holds the IDs), using tmp's array as
-// scratch space, and returns the sorted slice and the other array (empty),
-// for the next sort. It is a least-significant-digit radix sort on the IDs'
-// first 16 bytes (skipping the bytes that every ID shares, like "key_"),
-// which pauses cleanly between parts of its passes; entries whose first 16
-// bytes are equal are then sorted by the whole ID.
-func sortEntries(es, tmp []batchEntry, ids []byte, p *pacer) (sorted, other []batchEntry) {
+// sortBySlot sorts es by slot, using tmp's array as scratch space, and
+// returns the sorted slice and the other array (empty), for the next sort.
+// It is a least-significant-digit radix sort, a byte at a time, which
+// skips the bytes every slot shares and pauses cleanly between parts of
+// its passes.
+func sortBySlot(es, tmp []batchEntry, p *pacer) (sorted, other []batchEntry) {
 	const part = 4096 // entries between the pacer's ticks
-	var counts [16][256]int
+	var counts [4][256]int
 	for i := range es {
-		hi, lo := es[i].pre[0], es[i].pre[1]
-		for d := range 8 {
-			counts[d][byte(hi>>(56-8*d))]++
-			counts[8+d][byte(lo>>(56-8*d))]++
-		}
-		if i%part == part-1 {
-			p.tick(part * costSort / 4)
+		for d := range 4 {
+			counts[d][byte(es[i].slot>>(8*d))]++
 		}
 	}
 	src, dst := es, slices.Grow(tmp[:0], len(es))[:len(es)]
-	for d := 15; d >= 0; d-- {
+	for d := range 4 {
 		c := &counts[d]
 		if slices.Contains(c[:], len(es)) {
-			continue // every ID has the same byte here
+			continue // every slot has the same byte here
 		}
 		var next [256]int
 		for v, sum := 0, 0; v < 256; v++ {
 			next[v], sum = sum, sum+c[v]
 		}
-		shift, half := 56-8*(d%8), d/8
 		for i := range src {
-			v := byte(src[i].pre[half] >> shift)
+			v := byte(src[i].slot >> (8 * d))
 			dst[next[v]] = src[i]
 			next[v]++
 			if i%part == part-1 {
-				p.tick(part * costSort / 16)
+				p.tick(part * costSort / 2)
 			}
 		}
 		src, dst = dst, src
-	}
-	for lo := 0; lo < len(src); {
-		hi := lo + 1
-		for hi < len(src) && src[hi].pre == src[lo].pre {
-			hi++
-		}
-		if hi-lo > 1 {
-			slices.SortFunc(src[lo:hi], func(x, y batchEntry) int {
-				return bytes.Compare(ids[x.off:x.off+x.n], ids[y.off:y.off+y.n])
-			})
-		}
-		lo = hi
 	}
 	return src, dst[:0]
 }
@@ -671,16 +620,26 @@ func (s *Store) remarkLocked(b *flushBatch) {
 			a.mu.Unlock()
 		}
 	}
-	for i := range b.keys {
-		if e := s.keyByIDLocked(string(b.id(&b.keys[i]))); e != nil {
+	// The batch holds slots, not pointers (see flushBatch): find the
+	// accounts and keys by walking them all, which a failure can afford.
+	slots := func(es []batchEntry) map[uint32]bool {
+		m := make(map[uint32]bool, len(es))
+		for i := range es {
+			m[es[i].slot] = true
+		}
+		return m
+	}
+	keys, accounts := slots(b.keys), slots(b.accounts)
+	for _, e := range s.byID {
+		if keys[e.slot] {
 			a := e.cur.acct
 			a.mu.Lock()
 			s.markDirtyLocked(a, e)
 			a.mu.Unlock()
 		}
 	}
-	for i := range b.accounts {
-		if a := s.accounts[string(b.id(&b.accounts[i]))]; a != nil {
+	for _, a := range s.accounts {
+		if accounts[a.slot] {
 			a.mu.Lock()
 			s.markDirtyLocked(a, nil)
 			a.mu.Unlock()

@@ -1,12 +1,11 @@
 package keystore
 
 import (
+	"cmp"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -74,52 +73,33 @@ func TestFlushFailureRetries(t *testing.T) {
 	}
 }
 
-// TestSortEntries checks the flush's radix sort against a plain sort by ID,
-// on IDs that share prefixes, are shorter than the 16 bytes it sorts on, or
-// are equal in those 16 bytes and differ after them.
-func TestSortEntries(t *testing.T) {
+// TestSortBySlot checks the flush's radix sort against a plain sort, on
+// slots that are dense, sparse, equal in some bytes, or at the ends of the
+// range.
+func TestSortBySlot(t *testing.T) {
 	rnd := rand.New(rand.NewPCG(1, 2))
-	gens := map[string]func(i int) string{
-		"key ids": func(int) string {
-			id, err := newKeyID()
-			if err != nil {
-				t.Fatal(err)
-			}
-			return id
-		},
-		"numbered accounts": func(i int) string { return fmt.Sprintf("acct-%07d", rnd.IntN(1_000_000)) },
-		"short":             func(i int) string { return string(rune('a'+rnd.IntN(3))) + strings.Repeat("b", rnd.IntN(3)) },
-		"long, same 16 bytes": func(i int) string {
-			return "customer-0000000" + strconv.Itoa(rnd.IntN(100_000))
-		},
-		"mixed lengths": func(i int) string { return strings.Repeat("x", rnd.IntN(20)) + strconv.Itoa(i%7) },
+	gens := map[string]func(i int) uint32{
+		"dense":          func(i int) uint32 { return uint32(rnd.IntN(20_000)) },
+		"sparse":         func(int) uint32 { return rnd.Uint32() },
+		"one block":      func(int) uint32 { return 7*slotsPerBlock + uint32(rnd.IntN(slotsPerBlock)) },
+		"high bytes":     func(int) uint32 { return uint32(rnd.IntN(4)) << 24 },
+		"ends of range":  func(i int) uint32 { return []uint32{0, 1, noSlot - 1, noSlot - 2}[i%4] },
+		"already sorted": func(i int) uint32 { return uint32(i) * 3 },
 	}
 	for name, gen := range gens {
 		t.Run(name, func(t *testing.T) {
 			for _, n := range []int{0, 1, 2, 100, 10_000} {
-				var b flushBatch
-				var es []batchEntry
-				in := make([]string, n)
-				for i := range n {
-					in[i] = gen(i)
-					es = b.add(es, in[i], money.Micros(i), int32(i), i%3 == 0)
+				es := make([]batchEntry, n)
+				for i := range es {
+					es[i] = batchEntry{slot: gen(i), val: money.Micros(i), period: int32(i), last: i%3 == 0}
 				}
-				got, other := sortEntries(es, make([]batchEntry, 3), b.ids, nil)
-				// The same entries, each with its own ID, value,
-				// period and last flag, in the order of a plain sort of the IDs.
-				ids := make([]string, len(got))
-				seen := make(map[money.Micros]bool, n)
-				for i := range got {
-					f := &got[i]
-					ids[i] = string(b.id(f))
-					if f.val < 0 || int(f.val) >= n || in[f.val] != ids[i] || f.period != int32(f.val) || f.last != (f.val%3 == 0) || seen[f.val] {
-						t.Fatalf("n=%d: entry %d after the sort: ID %q, value %d, period %d, last %v", n, i, ids[i], f.val, f.period, f.last)
-					}
-					seen[f.val] = true
-				}
-				slices.Sort(in)
-				if !slices.Equal(ids, in) {
-					t.Fatalf("n=%d: the IDs after the sort are not in order", n)
+				want := slices.Clone(es)
+				slices.SortStableFunc(want, func(x, y batchEntry) int { return cmp.Compare(x.slot, y.slot) })
+				got, other := sortBySlot(es, make([]batchEntry, 3), nil)
+				// A radix sort is stable: the same entries, whole, in the
+				// same order as a stable sort's.
+				if !slices.Equal(got, want) {
+					t.Fatalf("n=%d: the sort differs from a stable sort by slot", n)
 				}
 				if len(other) != 0 || cap(other) < n {
 					t.Errorf("n=%d: the other buffer has len %d, cap %d; want 0 and at least %d", n, len(other), cap(other), n)
@@ -359,7 +339,7 @@ func TestCreditDuringPacedFlush(t *testing.T) {
 	}
 }
 
-// TestFlushCrashBetweenParts flushes in parts of three values and copies
+// TestFlushCrashBetweenParts flushes a block per part and copies
 // the file after each part's commit, as a crash there would leave it. Each
 // copy must be safe to restart from: every balance and spend is either
 // before or after the flush; a key whose account's balance is written has
@@ -376,23 +356,50 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 	}
 	defer s.Close()
 	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
-	const accounts, keysPer = 8, 2
+	// Enough accounts and keys for several ledger blocks of each.
+	const accounts, keysPer = 600, 2
 	var (
 		ids  [accounts]string
 		keys [accounts][keysPer]*Key
 	)
+	ias := make([]ImportAccount, accounts)
+	nks := make([]NewKey, 0, accounts*keysPer)
 	for i := range accounts {
 		ids[i] = fmt.Sprintf("acct-%d", i)
-		if _, err := s.CreateAccount(ids[i], "", 1000, now); err != nil {
-			t.Fatal(err)
+		ias[i] = ImportAccount{ID: ids[i], Balance: 1000}
+		for range keysPer {
+			nks = append(nks, NewKey{Account: ids[i], Scopes: []string{"a"}, SpendCap: 100})
 		}
+	}
+	imported, err := s.Import(ias, nks, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range accounts {
 		for j := range keysPer {
-			_, secret, err := s.CreateKey(NewKey{Account: ids[i], Scopes: []string{"a"}, SpendCap: 100}, now)
-			if err != nil {
-				t.Fatal(err)
-			}
-			keys[i][j], _ = s.Lookup(secret, now)
+			keys[i][j], _ = s.Lookup(imported[i*keysPer+j].Secret, now)
 		}
+	}
+	// The account that raises an alert, and the one that settles a
+	// reservation, in blocks apart: the settled charge's blocks are
+	// written before the last transaction.
+	alerted, settled, open := 3, -1, 6
+	blocksOf := func(i int) (a uint32, k [keysPer]uint32) {
+		for j := range keysPer {
+			k[j] = keys[i][j].entry.slot / slotsPerBlock
+		}
+		return keys[i][0].acct.slot / slotsPerBlock, k
+	}
+	aa, ak := blocksOf(alerted)
+	for i := range accounts {
+		ba, bk := blocksOf(i)
+		if i != open && ba != aa && !slices.Contains(ak[:], bk[0]) && !slices.Contains(ak[:], bk[1]) {
+			settled = i
+			break
+		}
+	}
+	if settled < 0 {
+		t.Fatal("no account has its blocks apart from the alerted one's")
 	}
 	// Before: a first flush, so that every spend has a value on disk.
 	for i := range accounts {
@@ -405,11 +412,11 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 	if err := s.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	// Then a flush with account 5's reservation of 7 and account 6's of
-	// 4, open. The flush under test: every key spends 2 more, twice;
-	// account 3's first key crosses half its cap (an alert); account 5
-	// settles its reservation (its record is deleted, its charge
-	// debited); account 6 keeps its own.
+	// Then a flush with a reservation of 7 on the settled account and one
+	// of 4 on the open one. The flush under test: every key spends 2 more,
+	// twice; the alerted account's first key crosses half its cap (an
+	// alert); the settled account settles its reservation (its record is
+	// deleted, its charge debited); the open one keeps its own.
 	for i := range accounts {
 		for j := range keysPer {
 			if err := s.Debit(keys[i][j], 2); err != nil {
@@ -417,10 +424,10 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 			}
 		}
 	}
-	if err := s.Reserve(keys[5][0], "req-settled", 7, 7, now.Add(time.Hour)); err != nil {
+	if err := s.Reserve(keys[settled][0], "req-settled", 7, 7, now.Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Reserve(keys[6][0], "req-open", 4, 4, now.Add(time.Hour)); err != nil {
+	if err := s.Reserve(keys[open][0], "req-open", 4, 4, now.Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Flush(); err != nil { // both reservations on disk, open
@@ -436,7 +443,7 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 			}
 		}
 	}
-	if err := s.Debit(keys[3][0], 50); err != nil {
+	if err := s.Debit(keys[alerted][0], 50); err != nil {
 		t.Fatal(err)
 	}
 	type state struct {
@@ -472,15 +479,15 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 	want := read(s)
 
 	var copies []string
-	s.flushPart = 3
+	s.flushPart = blockUnits
 	s.afterPart = func() { copies = append(copies, copyFile(t, path)) }
 	if err := s.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	// 16 spends and 8 balances, 1 reservation and 1 alert: the last
-	// transaction holds account 3 (3 values) and its alert.
-	if len(copies) < 8 {
-		t.Fatalf("the flush committed %d parts; want at least 8", len(copies))
+	// The reservation; 5 blocks of spends and 3 of balances, less those
+	// of the alerted account, which the last transaction holds.
+	if len(copies) < 6 {
+		t.Fatalf("the flush committed %d parts; want at least 6", len(copies))
 	}
 	for c, p := range copies {
 		r, err := Open(p, Options{Outbox: true})
@@ -507,15 +514,15 @@ func TestFlushCrashBetweenParts(t *testing.T) {
 				}
 			}
 		}
-		if got[5].balance == want[5].balance && got[5].reserved != 0 {
-			t.Errorf("copy %d: the settled reservation's charge is on disk and so is the reservation (%d reserved): a restart charges it twice", c, got[5].reserved)
+		if got[settled].balance == want[settled].balance && got[settled].reserved != 0 {
+			t.Errorf("copy %d: the settled reservation's charge is on disk and so is the reservation (%d reserved): a restart charges it twice", c, got[settled].reserved)
 		}
-		var alerted bool
+		var inOutbox bool
 		for _, a := range alerts {
-			alerted = alerted || a.Account == ids[3]
+			inOutbox = inOutbox || a.Account == ids[alerted]
 		}
-		if bal, spent := got[3].balance == want[3].balance, got[3].spent[0] == want[3].spent[0]; alerted != bal || alerted != spent {
-			t.Errorf("copy %d: %s's alert in the outbox: %v; its balance written: %v, the spend that raised it: %v", c, ids[3], alerted, bal, spent)
+		if bal, spent := got[alerted].balance == want[alerted].balance, got[alerted].spent[0] == want[alerted].spent[0]; inOutbox != bal || inOutbox != spent {
+			t.Errorf("copy %d: %s's alert in the outbox: %v; its balance written: %v, the spend that raised it: %v", c, ids[alerted], inOutbox, bal, spent)
 		}
 	}
 	last := copies[len(copies)-1]

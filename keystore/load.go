@@ -11,6 +11,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
+
+	"github.com/keygate/keygate/keystore/money"
 )
 
 // Open must load a million keys in well under two seconds and keep them in
@@ -83,14 +85,18 @@ func (s *Store) load() error {
 	return nil
 }
 
-// upgrade brings a store of an older schema to this one: schema 2 only
-// added buckets (its new record fields are optional).
+// upgrade brings a store of an older schema to this one, in one
+// transaction: schema 2 only added buckets (its new record fields are
+// optional); schema 3 moved balances and spends into ledger blocks.
 func (s *Store) upgrade(from uint64) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		for _, name := range v2Buckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
+		}
+		if err := upgradeLedger(tx); err != nil {
+			return err
 		}
 		var v [8]byte
 		binary.BigEndian.PutUint64(v[:], schemaVersion)
@@ -100,12 +106,83 @@ func (s *Store) upgrade(from uint64) error {
 	})
 }
 
+// upgradeLedger gives every account and key a slot, in ID order, moves
+// their balances and spends into ledger blocks, and drops the schema 2
+// buckets that held them.
+func upgradeLedger(tx *bolt.Tx) error {
+	for _, name := range [][]byte{bucketAccountSlots, bucketKeySlots, bucketLedger} {
+		if _, err := tx.CreateBucket(name); err != nil {
+			return err
+		}
+	}
+	w := newBlockWriter(tx)
+	for _, part := range []struct {
+		kind        byte
+		from, slots []byte
+		read        func(v []byte) (money.Micros, int32, error)
+	}{
+		{blockAccounts, bucketAccounts, bucketAccountSlots, func(v []byte) (money.Micros, int32, error) {
+			if v == nil {
+				return 0, 0, errors.New("no balance")
+			}
+			m, err := getBalance(v)
+			return m, 0, err
+		}},
+		{blockKeys, bucketKeys, bucketKeySlots, func(v []byte) (money.Micros, int32, error) {
+			if v == nil {
+				return 0, 0, nil // never spent
+			}
+			return getSpend(v)
+		}},
+	} {
+		values := tx.Bucket(bucketSpendV2)
+		if part.kind == blockAccounts {
+			values = tx.Bucket(bucketBalancesV2)
+		}
+		if values == nil {
+			return fmt.Errorf("schema 2 bucket of %s values is missing", part.from)
+		}
+		slots := tx.Bucket(part.slots)
+		var slot uint32
+		c := tx.Bucket(part.from).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			m, period, err := part.read(values.Get(k))
+			if err != nil {
+				return fmt.Errorf("value of %s: %w", k, err)
+			}
+			if err := slots.Put(k, slotRecord(slot)); err != nil {
+				return err
+			}
+			if m != 0 || period != 0 {
+				if err := w.set(part.kind, slot, m, period); err != nil {
+					return err
+				}
+			}
+			slot++
+		}
+	}
+	if err := w.flush(); err != nil {
+		return err
+	}
+	for _, name := range [][]byte{bucketBalancesV2, bucketSpendV2} {
+		if err := tx.DeleteBucket(name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *Store) loadAccounts(tx *bolt.Tx) error {
 	n := tx.Bucket(bucketAccounts).Stats().KeyN
 	slab := make([]account, 0, n)
 	var strs stringArena
-	bal := tx.Bucket(bucketBalances).Cursor()
-	bk, bv := bal.First()
+	blocks, err := readBlocks(tx, blockAccounts)
+	if err != nil {
+		return err
+	}
+	// Slots are keyed like accounts, so both cursors advance together.
+	sc := tx.Bucket(bucketAccountSlots).Cursor()
+	sk, sv := sc.First()
 	c := tx.Bucket(bucketAccounts).Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
 		if len(slab) == n {
@@ -118,22 +195,26 @@ func (s *Store) loadAccounts(tx *bolt.Tx) error {
 		if err != nil {
 			return fmt.Errorf("account %s: %w", k, err)
 		}
-		// Balances are keyed like accounts, so both cursors advance together.
-		if bk == nil || !bytes.Equal(bk, k) {
-			return fmt.Errorf("account %s has no balance (or balance of %q has no account)", k, bk)
+		if sk == nil || !bytes.Equal(sk, k) {
+			return fmt.Errorf("account %s has no ledger slot (or the slot of %q has no account)", k, sk)
 		}
-		b, err := getBalance(bv)
+		slot, err := getSlot(sv)
 		if err != nil {
-			return fmt.Errorf("balance of %s: %w", k, err)
+			return fmt.Errorf("account %s: %w", k, err)
 		}
-		bk, bv = bal.Next()
-		slab = append(slab, account{createdAt: rec.createdAt, balance: b, alertBelow: rec.alertBelow})
+		b, err := blocks.balance(slot)
+		if err != nil {
+			return fmt.Errorf("account %s: %w", k, err)
+		}
+		sk, sv = sc.Next()
+		s.accountSlots.commit(slot + 1)
+		slab = append(slab, account{createdAt: rec.createdAt, balance: b, alertBelow: rec.alertBelow, slot: slot})
 		a := &slab[len(slab)-1]
 		strs.add(&a.id, k)
 		strs.add(&a.tier, rec.tier)
 	}
-	if bk != nil {
-		return fmt.Errorf("balance of %q has no account", bk)
+	if sk != nil {
+		return fmt.Errorf("the ledger slot of %q has no account", sk)
 	}
 	strs.flush()
 	for i := range slab {
@@ -291,23 +372,34 @@ func (l *keyLoader) loadRange(tx *bolt.Tx, r keyRange, lo int) error {
 	return nil
 }
 
-// loadSpend sets each key's spend. Spend is keyed like keys: both are
-// walked in order.
+// loadSpend sets each key's slot and spend. Slots are keyed like keys,
+// and byID is in key order: both are walked together.
 func (s *Store) loadSpend(tx *bolt.Tx) error {
+	blocks, err := readBlocks(tx, blockKeys)
+	if err != nil {
+		return err
+	}
 	i := 0
-	c := tx.Bucket(bucketSpend).Cursor()
+	c := tx.Bucket(bucketKeySlots).Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
-		for i < len(s.byID) && s.byID[i].cur.ID < string(k) {
-			i++
-		}
 		if i == len(s.byID) || s.byID[i].cur.ID != string(k) {
-			return fmt.Errorf("spend of %q has no key", k)
+			return fmt.Errorf("the ledger slot of %q has no key (or a key has no slot)", k)
 		}
-		m, period, err := getSpend(v)
+		slot, err := getSlot(v)
 		if err != nil {
-			return fmt.Errorf("spend of %s: %w", k, err)
+			return fmt.Errorf("key %s: %w", k, err)
 		}
-		s.byID[i].spent, s.byID[i].period = m, period
+		m, period, err := blocks.spend(slot)
+		if err != nil {
+			return fmt.Errorf("key %s: %w", k, err)
+		}
+		e := s.byID[i]
+		e.slot, e.spent, e.period = slot, m, period
+		s.keySlots.commit(slot + 1)
+		i++
+	}
+	if i != len(s.byID) {
+		return fmt.Errorf("key %s has no ledger slot", s.byID[i].cur.ID)
 	}
 	return nil
 }

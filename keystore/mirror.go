@@ -270,16 +270,18 @@ func (s *Store) SetMeta(name, value string) error {
 
 // mirroredKey is a checked KeyRecord on its way into the store.
 type mirroredKey struct {
-	id  string
-	rec keyRecord
-	cur *keyEntry // nil: a new key
+	id   string
+	rec  keyRecord
+	cur  *keyEntry // nil: a new key
+	slot uint32    // of a new key
 }
 
 // mirroredAccount is a checked AccountRecord on its way into the store.
 type mirroredAccount struct {
-	id  string
-	rec accountRecord
-	cur *account // nil: a new account
+	id   string
+	rec  accountRecord
+	cur  *account // nil: a new account
+	slot uint32   // of a new account
 }
 
 // Mirror makes the store hold these accounts and keys as given: new ones
@@ -385,21 +387,42 @@ func (s *Store) Mirror(accounts []AccountRecord, keys []KeyRecord) error {
 		return problem
 	}
 
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		acc, bal, kb := tx.Bucket(bucketAccounts), tx.Bucket(bucketBalances), tx.Bucket(bucketKeys)
-		for _, m := range changedAccts {
+	// New accounts and keys get fresh ledger slots: their balance and
+	// spend there are 0 already (balances live in Redis).
+	nextAcct, err := s.accountSlots.peek(len(changedAccts))
+	if err != nil {
+		return errors.Join(fmt.Errorf("mirror: %w", err), problem)
+	}
+	nextKey, err := s.keySlots.peek(len(changedKeys))
+	if err != nil {
+		return errors.Join(fmt.Errorf("mirror: %w", err), problem)
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		acc, as, kb, ks := tx.Bucket(bucketAccounts), tx.Bucket(bucketAccountSlots), tx.Bucket(bucketKeys), tx.Bucket(bucketKeySlots)
+		for i := range changedAccts {
+			m := &changedAccts[i]
 			if err := acc.Put([]byte(m.id), m.rec.appendTo(nil)); err != nil {
 				return err
 			}
 			if m.cur == nil {
-				if err := bal.Put([]byte(m.id), microsValue(0)); err != nil {
+				m.slot = nextAcct
+				nextAcct++
+				if err := as.Put([]byte(m.id), slotRecord(m.slot)); err != nil {
 					return err
 				}
 			}
 		}
-		for _, m := range changedKeys {
+		for i := range changedKeys {
+			m := &changedKeys[i]
 			if err := kb.Put([]byte(m.id), m.rec.appendTo(nil)); err != nil {
 				return err
+			}
+			if m.cur == nil {
+				m.slot = nextKey
+				nextKey++
+				if err := ks.Put([]byte(m.id), slotRecord(m.slot)); err != nil {
+					return err
+				}
 			}
 		}
 		return nil
@@ -407,6 +430,8 @@ func (s *Store) Mirror(accounts []AccountRecord, keys []KeyRecord) error {
 	if err != nil {
 		return errors.Join(fmt.Errorf("mirror %d accounts and %d keys: %w", len(changedAccts), len(changedKeys), err), problem)
 	}
+	s.accountSlots.commit(nextAcct)
+	s.keySlots.commit(nextKey)
 	s.publishMirrorLocked(changedAccts, changedKeys)
 	s.log.Debug("mirrored", zap.Int("accounts", len(changedAccts)), zap.Int("keys", len(changedKeys)))
 	return problem
@@ -463,7 +488,7 @@ func (s *Store) publishMirrorLocked(accts []mirroredAccount, keys []mirroredKey)
 		}
 		a := &fresh[0]
 		fresh = fresh[1:]
-		*a = account{id: m.id, tier: s.internLocked(m.rec.Tier), createdAt: m.rec.CreatedAt, alertBelow: m.rec.AlertBelow}
+		*a = account{id: m.id, tier: s.internLocked(m.rec.Tier), createdAt: m.rec.CreatedAt, alertBelow: m.rec.AlertBelow, slot: m.slot}
 		s.accounts[m.id] = a
 	}
 	s.mu.Unlock()
@@ -491,7 +516,7 @@ func (s *Store) publishMirrorLocked(accts []mirroredAccount, keys []mirroredKey)
 		}
 		a := s.accounts[rec.Account]
 		e, k := &es[len(added)], &ks[len(added)]
-		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, rotatedTo: rec.RotatedTo, cur: k}
+		*e = keyEntry{name: rec.Name, createdAt: rec.CreatedAt, capPeriod: rec.CapPeriod, rotatedTo: rec.RotatedTo, cur: k, slot: m.slot}
 		*k = Key{
 			ID: m.id, Scopes: s.scopeSetLocked(rec.Scopes), RateLimit: rec.RateLimit,
 			SpendCap: rec.SpendCap, expiresAt: rec.ExpiresAt, revokedAt: rec.RevokedAt, acct: a, entry: e,

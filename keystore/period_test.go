@@ -250,13 +250,14 @@ func TestCapPeriodPersisted(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// On disk: 12 bytes with the day's number for the daily key, 8 for the
-	// lifetime one.
+	// On disk, in the key's ledger slot: the spend, and the day's number
+	// for the daily key, 0 for the lifetime one.
 	spends := readSpends(t, path, info.ID, lifetime.ID)
-	if want := putSpend(make([]byte, 12), 60, PeriodDay.index(day)); !bytes.Equal(spends[0], want) {
+	want := make([]byte, slotSize)
+	if setSlot(want, 0, 60, PeriodDay.index(day)); !bytes.Equal(spends[0], want) {
 		t.Errorf("daily spend on disk %x, want %x", spends[0], want)
 	}
-	if want := microsValue(60); !bytes.Equal(spends[1], want) {
+	if setSlot(want, 0, 60, 0); !bytes.Equal(spends[1], want) {
 		t.Errorf("lifetime spend on disk %x, want %x", spends[1], want)
 	}
 
@@ -295,7 +296,7 @@ func TestCapPeriodPersisted(t *testing.T) {
 	}
 }
 
-// readSpends reads the raw spend values of keys from a closed store.
+// readSpends reads the raw ledger slots of keys from a closed store.
 func readSpends(t *testing.T, path string, keys ...string) [][]byte {
 	t.Helper()
 	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
@@ -306,7 +307,13 @@ func readSpends(t *testing.T, path string, keys ...string) [][]byte {
 	var out [][]byte
 	err = db.View(func(tx *bolt.Tx) error {
 		for _, k := range keys {
-			out = append(out, bytes.Clone(tx.Bucket(bucketSpend).Get([]byte(k))))
+			slot, err := getSlot(tx.Bucket(bucketKeySlots).Get([]byte(k)))
+			if err != nil {
+				return err
+			}
+			bk := blockKey(blockKeys, slot)
+			off := int(slot%slotsPerBlock) * slotSize
+			out = append(out, bytes.Clone(tx.Bucket(bucketLedger).Get(bk[:])[off:off+slotSize]))
 		}
 		return nil
 	})

@@ -1,6 +1,7 @@
 package keystore_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -689,68 +690,141 @@ func TestReservationIDReused(t *testing.T) {
 	}
 }
 
-// TestUpgradeFromSchema1: a store written before reservations and alerts
-// (schema 1: no reservations or outbox bucket) opens, is upgraded in place
-// to schema 2, and keeps every account and key; reservations and the
-// outbox then work in it.
-func TestUpgradeFromSchema1(t *testing.T) {
-	path := tempPath(t)
-	s := mustOpen(t, path)
-	mustAccount(t, s, "acme", 10*money.PerUSD)
-	mustAccount(t, s, "beta", 0)
-	info, secret := mustKey(t, s, keystore.NewKey{Account: "acme", Name: "prod", Scopes: []string{"a", "b"}, SpendCap: money.PerUSD})
-	if _, err := s.Revoke(mustKeyID(t, s, "beta"), t0); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Debit(mustLookup(t, s, secret), 1_234); err != nil {
-		t.Fatal(err)
-	}
-	accounts, keys := s.Accounts(), s.Keys("")
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	// Make it what schema 1 wrote: its records use no schema 2 field.
-	updateBolt(t, path, func(tx *bolt.Tx) error {
-		for _, b := range []string{"reservations", "outbox"} {
-			if err := tx.DeleteBucket([]byte(b)); err != nil {
-				return err
+// TestUpgrade: a store written by an older schema opens, is upgraded in
+// place to schema 3, and keeps every account and key with its balance and
+// spend; reservations, the outbox and debits then work in it. Schema 1 had
+// no reservations or outbox bucket; schemas 1 and 2 kept balances and
+// spends one per bbolt key, in the balances and spend buckets.
+func TestUpgrade(t *testing.T) {
+	for _, from := range []uint64{1, 2} {
+		t.Run(fmt.Sprintf("from schema %d", from), func(t *testing.T) {
+			path := tempPath(t)
+			s := mustOpen(t, path)
+			mustAccount(t, s, "acme", 10*money.PerUSD)
+			mustAccount(t, s, "beta", 0)
+			info, secret := mustKey(t, s, keystore.NewKey{Account: "acme", Name: "prod", Scopes: []string{"a", "b"}, SpendCap: money.PerUSD})
+			daily, dailySecret := mustKey(t, s, keystore.NewKey{Account: "acme", Scopes: []string{"a"}, SpendCap: money.PerUSD, CapPeriod: keystore.PeriodDay})
+			if _, err := s.Revoke(mustKeyID(t, s, "beta"), t0); err != nil {
+				t.Fatal(err)
 			}
-		}
-		return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 1))
-	})
+			if err := s.Debit(mustLookup(t, s, secret), 1_234); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Debit(mustLookup(t, s, dailySecret), 77); err != nil {
+				t.Fatal(err)
+			}
+			accounts, keys := s.Accounts(), s.Keys("")
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			updateBolt(t, path, func(tx *bolt.Tx) error { return downgrade(tx, from) })
 
-	s, err := keystore.Open(path, keystore.Options{Outbox: true})
+			s, err := keystore.Open(path, keystore.Options{Outbox: true})
+			if err != nil {
+				t.Fatalf("Open of a schema %d store: %v", from, err)
+			}
+			if diff := cmp.Diff(accounts, s.Accounts()); diff != "" {
+				t.Errorf("accounts after the upgrade (-before +after):\n%s", diff)
+			}
+			if diff := cmp.Diff(keys, s.Keys("")); diff != "" {
+				t.Errorf("keys after the upgrade (-before +after):\n%s", diff)
+			}
+			k := mustLookup(t, s, secret)
+			mustReserve(t, s, k, "req", 100, 100)
+			if err := s.Debit(k, money.PerUSD/2-1_234); err != nil { // to 50%: an alert in the outbox
+				t.Fatal(err)
+			}
+			mustAccount(t, s, "gamma", 5) // a new account and key after the upgrade get fresh slots
+			_, gammaSecret := mustKey(t, s, keystore.NewKey{Account: "gamma", Scopes: []string{"a"}})
+			if err := s.Debit(mustLookup(t, s, gammaSecret), 2); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			viewBolt(t, path, func(tx *bolt.Tx) error {
+				if v := tx.Bucket([]byte("meta")).Get([]byte("schema_version")); binary.BigEndian.Uint64(v) != 3 {
+					t.Errorf("schema_version %x after the upgrade, want 3", v)
+				}
+				for _, b := range []string{"balances", "spend"} {
+					if tx.Bucket([]byte(b)) != nil {
+						t.Errorf("bucket %s is still there after the upgrade", b)
+					}
+				}
+				return nil
+			})
+			s = mustOpen(t, path)
+			defer s.Close()
+			if k := key(t, s, info.ID); k.Reserved != 100 || k.Spent != money.PerUSD/2 {
+				t.Errorf("after the upgrade and a reopen: reserved %d, spent %d; want 100 and %d", k.Reserved, k.Spent, money.PerUSD/2)
+			}
+			if k := key(t, s, daily.ID); k.Spent != 77 {
+				t.Errorf("the daily key's spend after the upgrade: %d, want 77", k.Spent)
+			}
+			if a, _ := s.Account("acme"); a.Balance != 10*money.PerUSD-money.PerUSD/2-77 {
+				t.Errorf("acme's balance after the upgrade: %d", a.Balance)
+			}
+			if a, _ := s.Account("gamma"); a.Balance != 3 {
+				t.Errorf("gamma's balance: %d, want 3", a.Balance)
+			}
+			if p, err := s.PendingAlerts(); err != nil || len(p) != 1 {
+				t.Errorf("PendingAlerts = %+v, %v; want the 50%% alert", p, err)
+			}
+		})
+	}
+}
+
+// downgrade rewrites a schema 3 store as schema 2 wrote it, or schema 1:
+// balances and spends back in their own buckets, 8 bytes each (12 for a
+// spend with a cap period, none for a spend of 0), and for schema 1 no
+// reservations or outbox. Its records use no later field.
+func downgrade(tx *bolt.Tx, to uint64) error {
+	ledger := tx.Bucket([]byte("ledger"))
+	slotValue := func(kind byte, v []byte) []byte {
+		slot := binary.BigEndian.Uint32(v)
+		block := ledger.Get(binary.BigEndian.AppendUint32([]byte{kind}, slot/256))
+		if block == nil {
+			return make([]byte, 12)
+		}
+		return block[slot%256*12:][:12]
+	}
+	bal, err := tx.CreateBucket([]byte("balances"))
 	if err != nil {
-		t.Fatalf("Open of a schema 1 store: %v", err)
+		return err
 	}
-	if diff := cmp.Diff(accounts, s.Accounts()); diff != "" {
-		t.Errorf("accounts after the upgrade (-before +after):\n%s", diff)
+	spend, err := tx.CreateBucket([]byte("spend"))
+	if err != nil {
+		return err
 	}
-	if diff := cmp.Diff(keys, s.Keys("")); diff != "" {
-		t.Errorf("keys after the upgrade (-before +after):\n%s", diff)
+	err = tx.Bucket([]byte("account_slots")).ForEach(func(k, v []byte) error {
+		return bal.Put(k, bytes.Clone(slotValue('a', v)[:8]))
+	})
+	if err != nil {
+		return err
 	}
-	k := mustLookup(t, s, secret)
-	mustReserve(t, s, k, "req", 100, 100)
-	if err := s.Debit(k, money.PerUSD/2-1_234); err != nil { // to 50%: an alert in the outbox
-		t.Fatal(err)
-	}
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	viewBolt(t, path, func(tx *bolt.Tx) error {
-		if v := tx.Bucket([]byte("meta")).Get([]byte("schema_version")); binary.BigEndian.Uint64(v) != 2 {
-			t.Errorf("schema_version %x after the upgrade, want 2", v)
+	err = tx.Bucket([]byte("key_slots")).ForEach(func(k, v []byte) error {
+		raw := slotValue('k', v)
+		switch {
+		case binary.BigEndian.Uint32(raw[8:]) != 0:
+			return spend.Put(k, bytes.Clone(raw))
+		case binary.BigEndian.Uint64(raw) != 0:
+			return spend.Put(k, bytes.Clone(raw[:8]))
 		}
 		return nil
 	})
-	s = mustOpen(t, path)
-	defer s.Close()
-	if k := key(t, s, info.ID); k.Reserved != 100 || k.Spent != money.PerUSD/2 {
-		t.Errorf("after the upgrade and a reopen: reserved %d, spent %d; want 100 and %d", k.Reserved, k.Spent, money.PerUSD/2)
+	if err != nil {
+		return err
 	}
-	if p, err := s.PendingAlerts(); err != nil || len(p) != 1 {
-		t.Errorf("PendingAlerts = %+v, %v; want the 50%% alert", p, err)
+	drop := []string{"account_slots", "key_slots", "ledger"}
+	if to == 1 {
+		drop = append(drop, "reservations", "outbox")
 	}
+	for _, b := range drop {
+		if err := tx.DeleteBucket([]byte(b)); err != nil {
+			return err
+		}
+	}
+	return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, to))
 }
 
 // mustKeyID creates a key for account and returns its ID.

@@ -52,20 +52,27 @@ type Options struct {
 
 // Buckets of the bbolt file, and the meta bucket's entries.
 var (
-	bucketMeta     = []byte("meta")
-	bucketAccounts = []byte("accounts")     // account id -> accountRecord
-	bucketBalances = []byte("balances")     // account id -> 8-byte balance
-	bucketKeys     = []byte("keys")         // key id -> keyRecord (with the secret's hash)
-	bucketSpend    = []byte("spend")        // key id -> 8-byte spend [+ 4-byte cap period] (absent: 0)
-	bucketReserved = []byte("reservations") // request id -> reservationRecord (schema 2)
-	bucketOutbox   = []byte("outbox")       // alert id -> JSON alert, until delivered (schema 2)
+	bucketMeta         = []byte("meta")
+	bucketAccounts     = []byte("accounts")      // account id -> accountRecord
+	bucketKeys         = []byte("keys")          // key id -> keyRecord (with the secret's hash)
+	bucketReserved     = []byte("reservations")  // request id -> reservationRecord (schema 2)
+	bucketOutbox       = []byte("outbox")        // alert id -> JSON alert, until delivered (schema 2)
+	bucketAccountSlots = []byte("account_slots") // account id -> 4-byte ledger slot (schema 3)
+	bucketKeySlots     = []byte("key_slots")     // key id -> 4-byte ledger slot (schema 3)
+	bucketLedger       = []byte("ledger")        // block key -> balances or spends (schema 3: see slots.go)
 	// bucketOutage is a Redis replica's journal of outage spends (see
 	// outage.go): made by its first write, so not in allBuckets.
 	bucketOutage = []byte("outage")
 
-	allBuckets = [][]byte{bucketMeta, bucketAccounts, bucketBalances, bucketKeys, bucketSpend, bucketReserved, bucketOutbox}
+	allBuckets = [][]byte{bucketMeta, bucketAccounts, bucketKeys, bucketReserved, bucketOutbox,
+		bucketAccountSlots, bucketKeySlots, bucketLedger}
 	// v2Buckets are the buckets that schema 2 added to schema 1.
 	v2Buckets = [][]byte{bucketReserved, bucketOutbox}
+	// Schema 3 moved balances and spends from these (balances: account id
+	// -> 8-byte balance; spend: key id -> 8-byte spend [+ 4-byte cap
+	// period], absent: 0) into ledger blocks.
+	bucketBalancesV2 = []byte("balances")
+	bucketSpendV2    = []byte("spend")
 
 	metaMagic   = []byte("magic")
 	metaSchema  = []byte("schema_version")
@@ -76,9 +83,10 @@ var (
 // schemaVersion is the layout this keygate writes. Open refuses a store with
 // a higher one: an older binary must not half-understand newer records.
 // Schema 2 added reservations, the alert outbox, and optional trailing
-// fields (an account's alert level, a key's cap period); Open upgrades a
-// schema 1 store in place.
-const schemaVersion = 2
+// fields (an account's alert level, a key's cap period); schema 3 moved
+// balances and spends into ledger blocks (slots.go). Open upgrades an
+// older store in place.
+const schemaVersion = 3
 
 // maxNanos is the latest time the store can hold, in 2262.
 const maxNanos = math.MaxInt64
@@ -122,8 +130,10 @@ type Store struct {
 	// afterPart, when not nil, runs after each of a flush's transactions
 	// commits: tests copy the file there, as a crash would leave it.
 	afterPart func()
-	interned  map[string]string   // tiers and scopes
-	scopeSets map[string][]string // encoded scope list -> shared slice
+	// The next free ledger slots of accounts and of keys.
+	accountSlots, keySlots slotSpace
+	interned               map[string]string   // tiers and scopes
+	scopeSets              map[string][]string // encoded scope list -> shared slice
 
 	// mu guards the admin index: accounts, byID, account.keys and
 	// keyEntry.cur/rotatedTo. Writers hold wmu too, so holding wmu is

@@ -128,6 +128,17 @@ func TestOpenLocked(t *testing.T) {
 	mustAccount(t, s, "acme", 1)
 }
 
+// putLedgerSlot writes raw into the start of account's ledger slot, as
+// schema 3 lays it out: a block of 256 slots of 12 bytes under 'a' and the
+// block's number.
+func putLedgerSlot(tx *bolt.Tx, account string, raw []byte) error {
+	slot := binary.BigEndian.Uint32(tx.Bucket([]byte("account_slots")).Get([]byte(account)))
+	key := binary.BigEndian.AppendUint32([]byte{'a'}, slot/256)
+	block := bytes.Clone(tx.Bucket([]byte("ledger")).Get(key))
+	copy(block[slot%256*12:], raw)
+	return tx.Bucket([]byte("ledger")).Put(key, block)
+}
+
 func TestOpenRefuses(t *testing.T) {
 	// A keygate store with a few pages of keys, built once, copied per case.
 	validPath := tempPath(t)
@@ -203,11 +214,11 @@ func TestOpenRefuses(t *testing.T) {
 		}, keystore.ErrNotKeygate},
 		{"newer schema", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
-				return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 3))
+				return tx.Bucket([]byte("meta")).Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, 4))
 			})
 		}, keystore.ErrSchema},
 		{"missing bucket", func(t *testing.T) string {
-			return withBolt(t, valid(t), func(tx *bolt.Tx) error { return tx.DeleteBucket([]byte("spend")) })
+			return withBolt(t, valid(t), func(tx *bolt.Tx) error { return tx.DeleteBucket([]byte("key_slots")) })
 		}, keystore.ErrNotKeygate},
 		{"garbage key record", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error { return tx.Bucket([]byte("keys")).Put([]byte("key_x"), []byte{1, 2, 3}) })
@@ -215,12 +226,28 @@ func TestOpenRefuses(t *testing.T) {
 		{"key of a missing account", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
 				tx.Bucket([]byte("accounts")).Delete([]byte("acme"))
-				return tx.Bucket([]byte("balances")).Delete([]byte("acme"))
+				return tx.Bucket([]byte("account_slots")).Delete([]byte("acme"))
 			})
 		}, keystore.ErrNotKeygate},
 		{"negative balance", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
-				return tx.Bucket([]byte("balances")).Put([]byte("acme"), binary.BigEndian.AppendUint64(nil, 1<<63))
+				return putLedgerSlot(tx, "acme", binary.BigEndian.AppendUint64(nil, 1<<63))
+			})
+		}, keystore.ErrNotKeygate},
+		{"two accounts in one ledger slot", func(t *testing.T) string {
+			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
+				accounts, slots := tx.Bucket([]byte("accounts")), tx.Bucket([]byte("account_slots"))
+				if err := accounts.Put([]byte("zeta"), bytes.Clone(accounts.Get([]byte("acme")))); err != nil {
+					return err
+				}
+				return slots.Put([]byte("zeta"), bytes.Clone(slots.Get([]byte("acme"))))
+			})
+		}, keystore.ErrNotKeygate},
+		{"ledger block of the wrong size", func(t *testing.T) string {
+			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
+				c := tx.Bucket([]byte("ledger")).Cursor()
+				k, v := c.First()
+				return tx.Bucket([]byte("ledger")).Put(bytes.Clone(k), v[:len(v)-1])
 			})
 		}, keystore.ErrNotKeygate},
 		{"truncated", func(t *testing.T) string {
@@ -228,7 +255,16 @@ func TestOpenRefuses(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			return write(t, b[:len(b)/2])
+			// Cut inside the pages in use: bbolt grows the file ahead of
+			// them, so half the file may still hold them all.
+			db, err := bolt.Open(validPath, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var used int64
+			db.View(func(tx *bolt.Tx) error { used = tx.Size(); return nil }) //nolint:errcheck // returns nil
+			db.Close()
+			return write(t, b[:used/2])
 		}, keystore.ErrNotKeygate},
 		{"damaged pages under good meta pages", func(t *testing.T) string {
 			b := bytes.Clone(validBytes)
