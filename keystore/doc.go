@@ -10,16 +10,17 @@
 //     after the commit, so a revoked key is refused from the next Lookup on,
 //     and memory never shows what the disk does not have.
 //   - Debits (Debit) change memory only: the account balance and the key
-//     spend, under the account's mutex. Run writes every changed value in one
-//     transaction each FlushInterval, paced over up to half the interval so
-//     that the Checks sharing its CPU barely notice; Flush does it on demand
-//     at full speed, and Close does it one last time. A crash loses at most
-//     the debits since the last flush; a clean stop loses nothing.
-//   - An account's balance and its keys' spend always reach the file in the
-//     same transaction, copied under the account's mutex (a flush, and also
-//     Credit, which writes a balance that includes unflushed debits). So a
-//     crash loses debits whole: never the spend of a debit whose price the
-//     balance kept, which would let a key pass its cap after a restart.
+//     spend, under the account's mutex. Run writes every changed value each
+//     FlushInterval into the ledger's blocks (slots.go), paced over up to
+//     half the interval so that the Checks sharing its CPU barely notice;
+//     Flush does it on demand at full speed, and Close does it one last
+//     time. A crash loses at most the debits since the last flush; a clean
+//     stop loses nothing.
+//   - Balances and spends are copied under the account's mutex. A large
+//     flush commits in parts, every spend before any balance (Credit writes
+//     both in one transaction), so a crash never keeps the price of a debit
+//     in a balance while losing it from the key's spend, which would let a
+//     key pass its cap after a restart. See flushLocked for the order.
 //
 // Reads (Account, Accounts, Key, Keys) answer from memory and include every
 // debit so far, flushed or not.
