@@ -58,6 +58,9 @@ func (s *Store) load() error {
 	}
 	if version < schemaVersion {
 		if err := s.upgrade(version); err != nil {
+			if errors.Is(err, errRecord) { // the old file's data, not the disk
+				return bad("upgrade from schema %d: %v", version, err)
+			}
 			return fmt.Errorf("%s: upgrade from schema %d: %w", s.path, version, err)
 		}
 	}
@@ -123,7 +126,7 @@ func upgradeLedger(tx *bolt.Tx) error {
 	}{
 		{blockAccounts, bucketAccounts, bucketAccountSlots, func(v []byte) (money.Micros, int32, error) {
 			if v == nil {
-				return 0, 0, errors.New("no balance")
+				return 0, 0, fmt.Errorf("%w: no balance", errRecord)
 			}
 			m, err := getBalance(v)
 			return m, 0, err
@@ -140,7 +143,7 @@ func upgradeLedger(tx *bolt.Tx) error {
 			values = tx.Bucket(bucketBalancesV2)
 		}
 		if values == nil {
-			return fmt.Errorf("schema 2 bucket of %s values is missing", part.from)
+			return fmt.Errorf("%w: the bucket of %s values is missing", errRecord, part.from)
 		}
 		slots := tx.Bucket(part.slots)
 		var slot uint32

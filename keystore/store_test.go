@@ -243,6 +243,22 @@ func TestOpenRefuses(t *testing.T) {
 				return slots.Put([]byte("zeta"), bytes.Clone(slots.Get([]byte("acme"))))
 			})
 		}, keystore.ErrNotKeygate},
+		{"schema 2, a balance of 3 bytes", func(t *testing.T) string {
+			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
+				if err := downgrade(tx, 2); err != nil {
+					return err
+				}
+				return tx.Bucket([]byte("balances")).Put([]byte("acme"), []byte{1, 2, 3})
+			})
+		}, keystore.ErrNotKeygate},
+		{"schema 2, an account without a balance", func(t *testing.T) string {
+			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
+				if err := downgrade(tx, 2); err != nil {
+					return err
+				}
+				return tx.Bucket([]byte("balances")).Delete([]byte("acme"))
+			})
+		}, keystore.ErrNotKeygate},
 		{"ledger block of the wrong size", func(t *testing.T) string {
 			return withBolt(t, valid(t), func(tx *bolt.Tx) error {
 				c := tx.Bucket([]byte("ledger")).Cursor()
