@@ -282,10 +282,10 @@ const (
 // an order that makes a crash between two of them cost no more than
 // losing the whole flush would, and never charge twice or let a key pass
 // its cap:
-//  1. reservations opened and settled: a settled one is deleted before
-//     its charge reaches the balance, so a restart cannot expire it and
-//     charge it again (a crash in between loses the charge, as it would
-//     lose any unflushed debit);
+//  1. reservations opened and settled: a settled one is deleted no later
+//     than its charge reaches the balance, so a restart cannot expire it
+//     and charge it again (a crash in between loses the charge, as it
+//     would lose any unflushed debit);
 //  2. spends, by block: a key's spend reaches the disk before the balance
 //     its debits came from, so after a crash a cap counts every debit the
 //     balance does, and perhaps a few more, never fewer;
@@ -649,8 +649,8 @@ func (s *Store) remarkLocked(b *flushBatch) {
 
 // A pacer spreads a background flush over time, so that the Checks sharing
 // its CPU (one core, often) see a light, steady load rather than a burst of
-// a few hundred milliseconds. The work before the commit is scheduled
-// evenly over flushAim of the time to the deadline: after each slice of
+// tens of milliseconds. The work is scheduled evenly over flushAim of the
+// time to the deadline: after each slice of
 // work the flush sleeps for as long as it is ahead of that schedule, but no
 // longer than keeps it to flushShare of a CPU (a small flush is not
 // stretched over the whole interval); not at all when it is behind, or
@@ -661,8 +661,8 @@ func (s *Store) remarkLocked(b *flushBatch) {
 // higher share of the CPU than they needed. Sleeping, rather than
 // runtime.Gosched, is what lets Checks in: the scheduler polls the network
 // when it has nothing else to run, and a goroutine that yields is still
-// something to run. The commit at the end cannot be split, so it stays a
-// burst of a few tens of milliseconds at 100,000 accounts.
+// something to run. A commit cannot be split: each part's is one burst of
+// a few milliseconds (see defaultFlushPart).
 //
 // A nil *pacer is a flush at full speed (Flush, Close).
 type pacer struct {
