@@ -32,8 +32,8 @@ const (
 	blockKeyLength = 5   // kind byte, then the block number, big-endian
 )
 
-// noSlot marks an account or key that has no slot yet: only while it is
-// being created.
+// noSlot is past the last slot: the slot spaces stop before it, and a
+// file that holds it is refused.
 const noSlot = ^uint32(0)
 
 // slotSpace hands out the slots of one kind. The caller holds Store.wmu.
