@@ -148,14 +148,14 @@ func (s *Store) Credit(id string, amount money.Micros, opts ...AccountOption) (A
 		return Account{}, fmt.Errorf("%w: %s", ErrAccountNotFound, id)
 	}
 	var (
-		spends []flushEntry
+		spends []batchEntry
 		res    []resChange
 		alerts []Alert
 	)
 	a.mu.Lock()
 	before := a.balance
 	for e := a.dirtyKeys; e != nil && e != s.endOfList; e = e.nextDirty {
-		spends = append(spends, flushEntry{slot: e.slot, val: e.spent, period: e.period})
+		spends = append(spends, batchEntry{slot: e.slot, val: e.spent, period: e.period})
 	}
 	for r := a.dirtyRes; r != nil && r != s.endOfRes; r = r.nextDirty {
 		res = append(res, resChange{r: r, open: r.open})

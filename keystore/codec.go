@@ -187,15 +187,6 @@ func (v *keyView) scopeList() []string {
 	return out
 }
 
-// putMicros encodes a balance or a spend into b (8 bytes) and returns b.
-func putMicros(b []byte, m money.Micros) []byte {
-	binary.BigEndian.PutUint64(b, uint64(m))
-	return b
-}
-
-// microsValue returns a fresh 8-byte encoding of m.
-func microsValue(m money.Micros) []byte { return putMicros(make([]byte, 8), m) }
-
 // getBalance reads a balance, which may be below zero: a settled charge
 // above its reservation can take it there (see Settle).
 func getBalance(b []byte) (money.Micros, error) {
@@ -209,18 +200,8 @@ func getBalance(b []byte) (money.Micros, error) {
 	return m, nil
 }
 
-// putSpend encodes a key's spend, with the number of its cap period when
-// it has one, into b (12 bytes) and returns the used part.
-func putSpend(b []byte, m money.Micros, period int32) []byte {
-	binary.BigEndian.PutUint64(b, uint64(m))
-	if period == 0 {
-		return b[:8]
-	}
-	binary.BigEndian.PutUint32(b[8:], uint32(period))
-	return b[:12]
-}
-
-// getSpend reads what putSpend wrote.
+// getSpend reads a spend as schema 2 wrote it, and as a ledger slot holds
+// it: 8 bytes, or 12 with the number of its cap period.
 func getSpend(b []byte) (money.Micros, int32, error) {
 	var period int32
 	if len(b) == 12 {

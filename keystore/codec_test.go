@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"testing"
 	"time"
@@ -124,4 +125,22 @@ func FuzzGetMicros(f *testing.F) {
 			t.Fatalf("getMicros(%x) = %d", b, m)
 		}
 	})
+}
+
+// Schema 2's encoders of a balance and a spend, which getBalance and
+// getSpend still read (from an old file being upgraded, and from ledger
+// slots): the tests build what they decode with them.
+
+// microsValue returns the 8-byte encoding of m.
+func microsValue(m money.Micros) []byte { return binary.BigEndian.AppendUint64(nil, uint64(m)) }
+
+// putSpend encodes a key's spend, with the number of its cap period when
+// it has one, into b (12 bytes) and returns the used part.
+func putSpend(b []byte, m money.Micros, period int32) []byte {
+	binary.BigEndian.PutUint64(b, uint64(m))
+	if period == 0 {
+		return b[:8]
+	}
+	binary.BigEndian.PutUint32(b[8:], uint32(period))
+	return b[:12]
 }

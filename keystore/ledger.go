@@ -247,14 +247,8 @@ type resChange struct {
 	open bool
 }
 
-// flushEntry is a value to write: a balance, or a spend and its cap period.
-type flushEntry struct {
-	slot   uint32
-	val    money.Micros
-	period int32 // of a spend: its cap period's number, or 0
-}
-
-// batchEntry is one value of a flush, in its ledger slot.
+// batchEntry is one value of a flush (or of a Credit), in its ledger slot:
+// a balance, or a spend and its cap period's number (or 0).
 type batchEntry struct {
 	slot   uint32
 	period int32

@@ -120,28 +120,25 @@ func upgradeLedger(tx *bolt.Tx) error {
 	}
 	w := newBlockWriter(tx)
 	for _, part := range []struct {
-		kind        byte
-		from, slots []byte
-		read        func(v []byte) (money.Micros, int32, error)
+		kind                byte
+		from, values, slots []byte
+		read                func(v []byte) (money.Micros, int32, error)
 	}{
-		{blockAccounts, bucketAccounts, bucketAccountSlots, func(v []byte) (money.Micros, int32, error) {
+		{blockAccounts, bucketAccounts, bucketBalancesV2, bucketAccountSlots, func(v []byte) (money.Micros, int32, error) {
 			if v == nil {
 				return 0, 0, fmt.Errorf("%w: no balance", errRecord)
 			}
 			m, err := getBalance(v)
 			return m, 0, err
 		}},
-		{blockKeys, bucketKeys, bucketKeySlots, func(v []byte) (money.Micros, int32, error) {
+		{blockKeys, bucketKeys, bucketSpendV2, bucketKeySlots, func(v []byte) (money.Micros, int32, error) {
 			if v == nil {
 				return 0, 0, nil // never spent
 			}
 			return getSpend(v)
 		}},
 	} {
-		values := tx.Bucket(bucketSpendV2)
-		if part.kind == blockAccounts {
-			values = tx.Bucket(bucketBalancesV2)
-		}
+		values := tx.Bucket(part.values)
 		if values == nil {
 			return fmt.Errorf("%w: the bucket of %s values is missing", errRecord, part.from)
 		}

@@ -306,14 +306,20 @@ func readSpends(t *testing.T, path string, keys ...string) [][]byte {
 	defer db.Close()
 	var out [][]byte
 	err = db.View(func(tx *bolt.Tx) error {
+		blocks, err := readBlocks(tx, blockKeys)
+		if err != nil {
+			return err
+		}
 		for _, k := range keys {
 			slot, err := getSlot(tx.Bucket(bucketKeySlots).Get([]byte(k)))
 			if err != nil {
 				return err
 			}
-			bk := blockKey(blockKeys, slot)
-			off := int(slot%slotsPerBlock) * slotSize
-			out = append(out, bytes.Clone(tx.Bucket(bucketLedger).Get(bk[:])[off:off+slotSize]))
+			raw, err := blocks.take(slot)
+			if err != nil {
+				return err
+			}
+			out = append(out, bytes.Clone(raw))
 		}
 		return nil
 	})
