@@ -211,7 +211,7 @@ func BenchmarkServedCheck(b *testing.B) {
 				if d != nil {
 					b.Fatal(d.Message)
 				}
-				out, err := codec.Marshal(pooledAllow(g))
+				out, err := codec.Marshal(encodeAllow(g))
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -254,4 +254,24 @@ func garbage(n int) []string {
 		out[i] = fmt.Sprintf("sk-%d-not-a-keygate-key", i)
 	}
 	return out
+}
+
+// BenchmarkAllowResponse is the served path's allow response alone, from
+// grant to the bytes gRPC sends: a rate-limited key, so all five headers.
+func BenchmarkAllowResponse(b *testing.B) {
+	s, secrets := benchServer(b, 1)
+	r := fromProto(requests(secrets, "POST", "/v1/chat/completions")[0].GetAttributes().GetRequest().GetHttp())
+	g, d := s.decide(&r, time.Now())
+	if d != nil {
+		b.Fatal(d.Message)
+	}
+	codec := wire.Codec{}
+	b.ReportAllocs()
+	for b.Loop() {
+		out, err := codec.Marshal(encodeAllow(g))
+		if err != nil {
+			b.Fatal(err)
+		}
+		out.Free()
+	}
 }

@@ -62,7 +62,7 @@ func checkHandler(srv any, _ context.Context, dec func(any) error, _ grpc.UnaryS
 	g, d := s.check(&r)
 	switch {
 	case d == nil:
-		return pooledAllow(g), nil
+		return encodeAllow(g), nil
 	case d.frozen != nil:
 		return d.frozen, nil
 	}

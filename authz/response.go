@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
-	"sync"
 	"time"
 	"unsafe"
 
@@ -109,7 +108,9 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	}
 	if d.rateLimited {
 		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(g.lim.RetryAfter), 10)))
-		hdrs = append(hdrs, new(rateParts).headers(g.lim)...)
+		for _, h := range rateHeaders(g.lim, new(rateDigits)) {
+			hdrs = append(hdrs, hv(h.Key, h.Value))
+		}
 	}
 	body := d.encoded
 	if body == "" {
@@ -163,111 +164,83 @@ func retrySeconds(d time.Duration) int64 {
 
 const numRateHeaders = 3
 
-// rateParts holds the x-ratelimit-* headers of one response, the digits of
-// their values included, so that they cost no allocation of their own.
-type rateParts struct {
-	opts   [numRateHeaders]corev3.HeaderValueOption
-	vals   [numRateHeaders]corev3.HeaderValue
-	ptrs   [numRateHeaders]*corev3.HeaderValueOption
-	digits [3 * 24]byte // three int64s in decimal and an "s"
-}
+// rateDigits holds the values of the x-ratelimit-* headers: three int64s
+// in decimal and an "s".
+type rateDigits [numRateHeaders * 24]byte
 
-// headers fills p with the x-ratelimit-* headers (the names OpenAI's
-// clients read) for the key's bucket after this request and returns them.
-// Their values are strings over p.digits: p must outlive them, as it does
-// inside a response (allowParts, or a denial's own rateParts).
-func (p *rateParts) headers(d ratelimit.Decision) []*corev3.HeaderValueOption {
+// rateHeaders returns the x-ratelimit-* headers (the names OpenAI's
+// clients read) for the key's bucket after this request. Their values are
+// strings over digits, which must outlive them: the headers cost no
+// allocation of their own.
+func rateHeaders(d ratelimit.Decision, digits *rateDigits) [numRateHeaders]wire.Header {
 	var reset int64
 	if d.Reset > 0 {
 		reset = retrySeconds(d.Reset)
 	}
 	// Each value is at most 20 digits and an "s": append never outgrows
-	// p.digits, so the strings below stay over it.
-	b := strconv.AppendInt(p.digits[:0], d.Limit, 10)
+	// digits, so the strings below stay over it.
+	b := strconv.AppendInt(digits[:0], d.Limit, 10)
 	n1 := len(b)
 	b = strconv.AppendInt(b, d.Remaining, 10)
 	n2 := len(b)
 	b = append(strconv.AppendInt(b, reset, 10), 's')
-	p.vals[0] = corev3.HeaderValue{Key: "x-ratelimit-limit-requests", Value: p.digitString(0, n1)}
-	p.vals[1] = corev3.HeaderValue{Key: "x-ratelimit-remaining-requests", Value: p.digitString(n1, n2)}
-	p.vals[2] = corev3.HeaderValue{Key: "x-ratelimit-reset-requests", Value: p.digitString(n2, len(b))}
-	for i := range p.opts {
-		p.opts[i].Header = &p.vals[i]
-		p.opts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-		p.ptrs[i] = &p.opts[i]
+	return [numRateHeaders]wire.Header{
+		{Key: "x-ratelimit-limit-requests", Value: digitString(digits, 0, n1)},
+		{Key: "x-ratelimit-remaining-requests", Value: digitString(digits, n1, n2)},
+		{Key: "x-ratelimit-reset-requests", Value: digitString(digits, n2, len(b))},
 	}
-	return p.ptrs[:]
 }
 
-// digitString returns p.digits[lo:hi] as a string that shares its bytes.
-func (p *rateParts) digitString(lo, hi int) string {
-	return unsafe.String(&p.digits[lo], hi-lo)
+// digitString returns digits[lo:hi] as a string that shares its bytes.
+func digitString(digits *rateDigits, lo, hi int) string {
+	return unsafe.String(&digits[lo], hi-lo)
 }
 
-// allowParts is every message of an allow response, allocated together: one
-// allocation instead of a dozen on the hot path.
-type allowParts struct {
-	resp   authv3.CheckResponse
-	ok     authv3.CheckResponse_OkResponse
-	okResp authv3.OkHttpResponse
-	idOpts [2]corev3.HeaderValueOption
-	idVals [2]corev3.HeaderValue
-	idPtrs [2]*corev3.HeaderValueOption
-	rate   rateParts
+// allowHeaders are an allow response's headers: the key never leaves the
+// edge, and the identity headers overwrite anything the client sent. Envoy
+// applies headers_to_remove after the headers it sets, so only
+// authorization is removed.
+type allowHeaders struct {
+	set  [2]wire.Header
+	rate [numRateHeaders]wire.Header // when the key has a rate limit
+	n    int                         // how many of rate
 }
 
-// allowResponse lets the request through: the key never leaves the edge and
-// the identity headers overwrite anything the client sent. Envoy applies
-// headers_to_remove after the headers it sets, so only authorization is
-// removed here.
-func allowResponse(g grant) *authv3.CheckResponse {
-	p := new(allowParts)
-	p.fill(g)
-	return &p.resp
-}
-
-// allowPool recycles allow responses on the served path, where the codec
-// hands each one back once it is encoded (wire.Pooled). Nothing else on that
-// server holds a response after encoding: keygate installs no stats handler
-// and no binary logger, which would.
-var allowPool = sync.Pool{New: func() any { return new(allowParts) }}
-
-func pooledAllow(g grant) *allowParts {
-	p := allowPool.Get().(*allowParts)
-	p.fill(g)
-	return p
-}
-
-// Encoded implements wire.Pooled.
-func (p *allowParts) Encoded() any { return &p.resp }
-
-// Release implements wire.Pooled: the response has been encoded.
-func (p *allowParts) Release() {
-	*p = allowParts{}
-	allowPool.Put(p)
-}
-
-var _ wire.Pooled = (*allowParts)(nil)
-
-func (p *allowParts) fill(g grant) {
-	p.idVals[0] = corev3.HeaderValue{Key: "x-keygate-key-id", Value: g.key.ID}
-	p.idVals[1] = corev3.HeaderValue{Key: "x-keygate-account", Value: g.key.Account()}
-	for i := range p.idOpts {
-		p.idOpts[i].Header = &p.idVals[i]
-		p.idOpts[i].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-		p.idPtrs[i] = &p.idOpts[i]
-	}
-	p.okResp.Headers = p.idPtrs[:]
-	p.okResp.HeadersToRemove = removeAuthorization
+// allowFor returns g's allow headers. Their rate-limit values are over
+// digits, which must outlive them. It fills a value the caller keeps,
+// rather than a pointer, so that nothing of it escapes to the heap.
+func allowFor(g grant, digits *rateDigits) allowHeaders {
+	h := allowHeaders{set: [2]wire.Header{
+		{Key: "x-keygate-key-id", Value: g.key.ID},
+		{Key: "x-keygate-account", Value: g.key.Account()},
+	}}
 	if !g.rate.IsZero() { // an unlimited key has no bucket to describe
-		p.okResp.ResponseHeadersToAdd = p.rate.headers(g.lim)
+		h.rate, h.n = rateHeaders(g.lim, digits), numRateHeaders
 	}
-	p.ok.OkResponse = &p.okResp
-	// Status stays unset: Envoy reads a missing status as OK, and
-	// google.rpc.Status has no fast encoder.
-	p.resp.HttpResponse = &p.ok
+	return h
 }
 
-// removeAuthorization is shared by every allow response; the gRPC codec only
-// reads it.
+// ok is the response, over h.
+func (h *allowHeaders) ok() wire.OK {
+	return wire.OK{Headers: h.set[:], HeadersToRemove: removeAuthorization, ResponseHeaders: h.rate[:h.n]}
+}
+
+// encodeAllow is the served path's allow response, encoded for the wire:
+// its one allocation is the bytes.
+func encodeAllow(g grant) *wire.Frozen {
+	var digits rateDigits
+	h := allowFor(g, &digits)
+	ok := h.ok()
+	return ok.Encode()
+}
+
+// allowResponse is the allow response as the generated message.
+func allowResponse(g grant) *authv3.CheckResponse {
+	h := allowFor(g, new(rateDigits))
+	ok := h.ok()
+	return ok.Message()
+}
+
+// removeAuthorization is shared by every allow response; nothing writes
+// to it.
 var removeAuthorization = []string{"authorization"}

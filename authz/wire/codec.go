@@ -10,7 +10,8 @@ import (
 )
 
 // Codec is gRPC's protobuf codec with fast paths: a *Request is decoded by
-// Request.Decode, a *Frozen is sent as its bytes, and a message with
+// Request.Decode, a *Frozen (such as an encoded OK) is sent as its bytes,
+// and a message with
 // vtprotobuf marshalers is encoded with them into a pooled buffer.
 // go-control-plane generates those for every Envoy message, CheckResponse
 // included, behind the vtprotobuf build tag: `make build` sets it, and
@@ -31,14 +32,9 @@ type vtMarshaler interface {
 }
 
 // Marshal encodes v.
-func (c Codec) Marshal(v any) (mem.BufferSlice, error) {
-	if p, ok := v.(Pooled); ok {
-		out, err := c.Marshal(p.Encoded())
-		p.Release() // every byte is in out now
-		return out, err
-	}
+func (Codec) Marshal(v any) (mem.BufferSlice, error) {
 	if f, ok := v.(*Frozen); ok {
-		return mem.BufferSlice{mem.SliceBuffer(f.b)}, nil // read-only; Free is a no-op
+		return f.out[:], nil
 	}
 	if m, ok := v.(vtMarshaler); ok {
 		size := m.SizeVT()
@@ -101,16 +97,26 @@ func messageOf(v any) proto.Message {
 	return nil
 }
 
-// Pooled is a response that its handler recycles: the codec encodes
-// Encoded(), then calls Release, after which it must not be touched.
-type Pooled interface {
-	Encoded() any
-	Release()
+// Frozen is a message already encoded, sent as those bytes: a response
+// that never changes, such as keygate's fixed denials, encoded once by
+// Freeze, or one encoded for a single Check (OK.Encode). Nothing changes
+// its bytes afterwards, so any number of sends may share them.
+//
+// Sending one allocates nothing: Marshal returns a BufferSlice held in the
+// Frozen, whose one Buffer is a pointer to its bytes (a SliceBuffer as an
+// interface would be boxed anew on every send). gRPC only reads a
+// BufferSlice it is given to send, and Free is a no-op on a SliceBuffer, so
+// sends of a fixed denial share it.
+type Frozen struct {
+	b   mem.SliceBuffer
+	out [1]mem.Buffer // &b
 }
 
-// Frozen is a message encoded once and sent as those bytes every time: for
-// responses that never change, such as keygate's fixed denials.
-type Frozen struct{ b []byte }
+func frozen(b []byte) *Frozen {
+	f := &Frozen{b: b}
+	f.out[0] = &f.b
+	return f
+}
 
 // Freeze encodes m for sending as is.
 func Freeze(m proto.Message) (*Frozen, error) {
@@ -118,5 +124,5 @@ func Freeze(m proto.Message) (*Frozen, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Frozen{b: b}, nil
+	return frozen(b), nil
 }
