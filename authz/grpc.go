@@ -60,11 +60,8 @@ func checkHandler(srv any, _ context.Context, dec func(any) error, _ grpc.UnaryS
 	}
 	r := fromWire(&w)
 	g, d := s.check(&r)
-	switch {
-	case d == nil:
+	if d == nil {
 		return encodeAllow(g), nil
-	case d.frozen != nil:
-		return d.frozen, nil
 	}
-	return d.response(g), nil
+	return d.encode(g), nil
 }

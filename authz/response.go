@@ -2,16 +2,12 @@ package authz
 
 import (
 	"encoding/json"
-	"fmt"
 	"strconv"
 	"time"
 	"unsafe"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
-	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/genproto/googleapis/rpc/code"
-	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 
 	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/authz/wire"
@@ -52,12 +48,10 @@ type Denial struct {
 
 // fixed returns d with its response prebuilt and encoded.
 func fixed(d *Denial) *Denial {
-	d.fixed = d.build(grant{})
-	f, err := wire.Freeze(d.fixed)
-	if err != nil {
-		panic(fmt.Sprintf("authz: encoding the fixed %d denial: %v", d.Status, err)) // a bug in a literal above, caught by any test
-	}
-	d.frozen = f
+	d.encoded = d.body()
+	h := d.headers(grant{}, nil) // a fixed denial has no per-request values
+	resp := d.denied(&h)
+	d.fixed, d.frozen = resp.Proto(), resp.Encode()
 	return d
 }
 
@@ -95,23 +89,26 @@ func (d *Denial) response(g grant) *authv3.CheckResponse {
 	if d.fixed != nil {
 		return d.fixed
 	}
-	return d.build(g)
+	h := d.headers(g, new(denialDigits))
+	resp := d.denied(&h)
+	return resp.Proto()
 }
 
-func (d *Denial) build(g grant) *authv3.CheckResponse {
-	hdrs := []*corev3.HeaderValueOption{hv("content-type", "application/json")}
-	if d.Status == 401 {
-		hdrs = append(hdrs, hv("www-authenticate", "Bearer"))
+// encode is response(g) encoded for the wire: the served path's denial.
+// Only a 429, whose retry-after and rate-limit headers vary, and a
+// no-route 403, which names the request, are encoded anew.
+func (d *Denial) encode(g grant) *wire.Frozen {
+	if d.frozen != nil {
+		return d.frozen
 	}
-	if d.unavailable {
-		hdrs = append(hdrs, hv("retry-after", "1"))
-	}
-	if d.rateLimited {
-		hdrs = append(hdrs, hv("retry-after", strconv.FormatInt(retrySeconds(g.lim.RetryAfter), 10)))
-		for _, h := range rateHeaders(g.lim, new(rateDigits)) {
-			hdrs = append(hdrs, hv(h.Key, h.Value))
-		}
-	}
+	var digits denialDigits
+	h := d.headers(g, &digits)
+	resp := d.denied(&h)
+	return resp.Encode()
+}
+
+// denied is d's response, with the headers h.
+func (d *Denial) denied(h *denialHeaders) wire.Denied {
 	body := d.encoded
 	if body == "" {
 		body = d.body()
@@ -123,14 +120,44 @@ func (d *Denial) build(g grant) *authv3.CheckResponse {
 	case d.unavailable:
 		c = code.Code_UNAVAILABLE
 	}
-	return &authv3.CheckResponse{
-		Status: &rpcstatus.Status{Code: int32(c), Message: d.Message},
-		HttpResponse: &authv3.CheckResponse_DeniedResponse{DeniedResponse: &authv3.DeniedHttpResponse{
-			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(d.Status)},
-			Headers: hdrs,
-			Body:    body,
-		}},
+	return wire.Denied{Code: int32(c), Message: d.Message, Status: int32(d.Status), Headers: h.h[:h.n], Body: body}
+}
+
+// denialHeaders are a denial's headers: content-type, and www-authenticate,
+// retry-after and the rate-limit headers where they apply.
+type denialHeaders struct {
+	h [3 + numRateHeaders]wire.Header
+	n int
+}
+
+// denialDigits holds the numbers in a rate-limit denial's headers.
+type denialDigits struct {
+	retry [20]byte
+	rate  rateDigits
+}
+
+// headers returns d's headers for g. The values of a rate-limit denial's
+// are over digits, which must outlive them. It returns a value the caller
+// keeps, rather than filling a pointer, so that nothing of it escapes to
+// the heap.
+func (d *Denial) headers(g grant, digits *denialDigits) denialHeaders {
+	h := denialHeaders{h: [3 + numRateHeaders]wire.Header{{Key: "content-type", Value: "application/json"}}, n: 1}
+	if d.Status == 401 {
+		h.h[h.n] = wire.Header{Key: "www-authenticate", Value: "Bearer"}
+		h.n++
 	}
+	if d.unavailable {
+		h.h[h.n] = wire.Header{Key: "retry-after", Value: "1"}
+		h.n++
+	}
+	if d.rateLimited {
+		retry := strconv.AppendInt(digits.retry[:0], retrySeconds(g.lim.RetryAfter), 10)
+		h.h[h.n] = wire.Header{Key: "retry-after", Value: unsafe.String(&digits.retry[0], len(retry))}
+		h.n++
+		rate := rateHeaders(g.lim, &digits.rate)
+		h.n += copy(h.h[h.n:], rate[:])
+	}
+	return h
 }
 
 // body renders the JSON error body {"error":{"type":...,"message":...}}.
@@ -143,14 +170,6 @@ func (d *Denial) body() string {
 		Error detail `json:"error"`
 	}{detail{d.Type, d.Message}})
 	return string(b)
-}
-
-// hv is a header that replaces any header of the same name.
-func hv(k, v string) *corev3.HeaderValueOption {
-	return &corev3.HeaderValueOption{
-		Header:       &corev3.HeaderValue{Key: k, Value: v},
-		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
-	}
 }
 
 // retrySeconds rounds d up to whole seconds, at least 1, as retry-after wants.
@@ -238,7 +257,7 @@ func encodeAllow(g grant) *wire.Frozen {
 func allowResponse(g grant) *authv3.CheckResponse {
 	h := allowFor(g, new(rateDigits))
 	ok := h.ok()
-	return ok.Message()
+	return ok.Proto()
 }
 
 // removeAuthorization is shared by every allow response; nothing writes

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/authz/ratelimit"
@@ -44,21 +45,61 @@ func TestEncodeAllowMatchesMessage(t *testing.T) {
 		{key: k, rate: limited, lim: ratelimit.Decision{OK: true, Limit: 60, Remaining: 0}},
 		{key: k, rate: limited, lim: ratelimit.Decision{OK: true, Limit: math.MaxInt64, Remaining: math.MaxInt64, Reset: math.MaxInt64}},
 	} {
-		out, err := wire.Codec{}.Marshal(encodeAllow(g))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var served authv3.CheckResponse
-		if err := proto.Unmarshal(out.Materialize(), &served); err != nil {
-			t.Fatalf("decoding the served allow: %v", err)
-		}
-		out.Free()
-		if want := allowResponse(g); !proto.Equal(&served, want) {
-			t.Errorf("grant %+v: served\n%v\nCheck says\n%v", g.lim, &served, want)
+		served := decodeFrozen(t, encodeAllow(g))
+		if want := allowResponse(g); !proto.Equal(served, want) {
+			t.Errorf("grant %+v: served\n%v\nCheck says\n%v", g.lim, served, want)
 		}
 		if n := len(served.GetOkResponse().GetResponseHeadersToAdd()); g.rate.IsZero() != (n == 0) {
 			t.Errorf("grant %+v: %d rate-limit headers", g.lim, n)
 		}
+	}
+}
+
+// decodeFrozen is what Envoy reads from f.
+func decodeFrozen(t *testing.T, f *wire.Frozen) *authv3.CheckResponse {
+	t.Helper()
+	out, err := wire.Codec{}.Marshal(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp authv3.CheckResponse
+	if err := proto.Unmarshal(out.Materialize(), &resp); err != nil {
+		t.Fatalf("decoding a served response: %v", err)
+	}
+	return &resp
+}
+
+// Every denial the served path encodes says what Check's says.
+func TestEncodeDenialMatchesResponse(t *testing.T) {
+	k := newKey(t)
+	s := &Server{}
+	s.rateDenials.Store(&map[ratelimit.Rate]*Denial{})
+	limited := ratelimit.Rate{N: 60, Per: time.Minute}
+	rateDenied := grant{key: k, rate: limited, lim: ratelimit.Decision{Limit: 60, RetryAfter: 2500 * time.Millisecond, Reset: time.Minute}}
+	for _, c := range []struct {
+		d *Denial
+		g grant
+	}{
+		{denyNoKey, grant{}}, {denyBadKey, grant{}}, {denyBadPath, grant{}}, {denyBalance, grant{}},
+		{denySpendCap, grant{}}, {denyDuplicate, grant{}}, {denyRequestID, grant{}}, {denyMalformed, grant{}},
+		{denyBilling, grant{}}, {denyInternal, grant{}}, {scopeDenial("chat:write"), grant{}},
+		{&Denial{Status: 403, Type: typePermission, Reason: "no_route", Message: "No route matches GET /x, so no scope allows it"}, grant{}},
+		{s.rateDenial(limited), rateDenied},
+	} {
+		served, want := decodeFrozen(t, c.d.encode(c.g)), c.d.response(c.g)
+		if !proto.Equal(served, want) {
+			t.Errorf("%s: served\n%v\nCheck says\n%v", c.d.Reason, served, want)
+		}
+		if served.GetDeniedResponse().GetStatus().GetCode() != typev3.StatusCode(c.d.Status) || served.GetDeniedResponse().GetBody() == "" {
+			t.Errorf("%s: served %v for a %d denial", c.d.Reason, served, c.d.Status)
+		}
+	}
+	h := map[string]string{}
+	for _, o := range decodeFrozen(t, s.rateDenial(limited).encode(rateDenied)).GetDeniedResponse().GetHeaders() {
+		h[o.GetHeader().GetKey()] = o.GetHeader().GetValue()
+	}
+	if h["retry-after"] != "3" || h["x-ratelimit-limit-requests"] != "60" || h["x-ratelimit-remaining-requests"] != "0" || h["x-ratelimit-reset-requests"] != "60s" {
+		t.Errorf("429 headers %v", h)
 	}
 }
 

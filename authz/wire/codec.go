@@ -97,10 +97,10 @@ func messageOf(v any) proto.Message {
 	return nil
 }
 
-// Frozen is a message already encoded, sent as those bytes: a response
-// that never changes, such as keygate's fixed denials, encoded once by
-// Freeze, or one encoded for a single Check (OK.Encode). Nothing changes
-// its bytes afterwards, so any number of sends may share them.
+// Frozen is a response already encoded (OK.Encode, Denied.Encode), sent
+// as those bytes: once for a single Check, or on every Check for a
+// response that never changes, such as keygate's fixed denials. Nothing
+// changes its bytes afterwards, so any number of sends may share them.
 //
 // Sending one allocates nothing: Marshal returns a BufferSlice held in the
 // Frozen, whose one Buffer is a pointer to its bytes (a SliceBuffer as an
@@ -116,13 +116,4 @@ func frozen(b []byte) *Frozen {
 	f := &Frozen{b: b}
 	f.out[0] = &f.b
 	return f
-}
-
-// Freeze encodes m for sending as is.
-func Freeze(m proto.Message) (*Frozen, error) {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
-	if err != nil {
-		return nil, err
-	}
-	return frozen(b), nil
 }

@@ -28,17 +28,17 @@ func okSeeds() []OK {
 	}
 }
 
-// checkOK fails unless Encode writes the bytes the generated encoder writes
-// for the same response, and they decode back to it.
-func checkOK(t *testing.T, o OK) {
+// checkEncode fails unless f, a response's Encode, writes the bytes the
+// generated encoder writes for want, its Proto, and they decode back to it.
+func checkEncode(t *testing.T, f *Frozen, want *authv3.CheckResponse) {
 	t.Helper()
-	want, err := proto.MarshalOptions{Deterministic: true}.Marshal(o.Message())
+	wantBytes, err := proto.MarshalOptions{Deterministic: true}.Marshal(want)
 	if err != nil {
 		t.Fatalf("generated encoder: %v", err)
 	}
-	got := o.Encode().b
-	if !bytes.Equal(got, want) {
-		t.Fatalf("Encode(%+v)\n = %x\nthe generated encoder writes\n   %x", o, got, want)
+	got := f.b
+	if !bytes.Equal(got, wantBytes) {
+		t.Fatalf("Encode of %v\n = %x\nthe generated encoder writes\n   %x", want, got, wantBytes)
 	}
 	if cap(got) != len(got) {
 		t.Errorf("Encode sized its buffer %d for %d bytes", cap(got), len(got))
@@ -47,11 +47,24 @@ func checkOK(t *testing.T, o OK) {
 	if err := proto.Unmarshal(got, &back); err != nil {
 		t.Fatalf("decoding Encode's bytes: %v", err)
 	}
-	if !proto.Equal(&back, o.Message()) {
-		t.Fatalf("Encode's bytes decode to %v, want %v", &back, o.Message())
+	if !proto.Equal(&back, want) {
+		t.Fatalf("Encode's bytes decode to %v, want %v", &back, want)
 	}
-	if back.GetOkResponse() == nil {
-		t.Fatalf("Encode's bytes decode to %v: not an OK response", &back)
+}
+
+func checkOK(t *testing.T, o OK) {
+	t.Helper()
+	checkEncode(t, o.Encode(), o.Proto())
+	if o.Proto().GetOkResponse() == nil {
+		t.Fatalf("%+v is not an OK response", o)
+	}
+}
+
+func checkDenied(t *testing.T, d Denied) {
+	t.Helper()
+	checkEncode(t, d.Encode(), d.Proto())
+	if d.Proto().GetDeniedResponse() == nil {
+		t.Fatalf("%+v is not a denied response", d)
 	}
 }
 
@@ -101,5 +114,44 @@ func FuzzOKEncode(f *testing.F) {
 			HeadersToRemove: rs[:shape>>2&3],
 			ResponseHeaders: hs[:shape>>4&3],
 		})
+	})
+}
+
+func deniedSeeds() []Denied {
+	long := strings.Repeat("é", 100) // 200 bytes: lengths of two varint bytes
+	return []Denied{
+		{},
+		{Code: 16, Message: "Invalid API key", Status: 401,
+			Headers: []Header{{"content-type", "application/json"}, {"www-authenticate", "Bearer"}},
+			Body:    `{"error":{"type":"authentication_error","message":"Invalid API key"}}`},
+		{Code: 7, Message: "Rate limit of 60/m exceeded", Status: 429,
+			Headers: []Header{{"content-type", "application/json"}, {"retry-after", "1"}, {"x-ratelimit-remaining-requests", "0"}}},
+		{Code: 14, Message: long, Status: 503, Headers: []Header{{long, ""}}, Body: long},
+		{Code: -1, Status: -1}, // out of range, yet encoded as protobuf does
+	}
+}
+
+func TestDeniedEncodeMatchesGenerated(t *testing.T) {
+	for _, d := range deniedSeeds() {
+		checkDenied(t, d)
+	}
+}
+
+// FuzzDeniedEncode builds a denial from the fuzzer's codes and strings,
+// with up to three headers.
+func FuzzDeniedEncode(f *testing.F) {
+	for _, d := range deniedSeeds() {
+		var k string
+		if len(d.Headers) > 0 {
+			k = d.Headers[0].Key
+		}
+		f.Add(d.Code, d.Status, d.Message, k, d.Body, uint8(len(d.Headers)))
+	}
+	f.Fuzz(func(t *testing.T, code, status int32, msg, k, body string, n uint8) {
+		if !utf8.ValidString(msg) || !utf8.ValidString(k) || !utf8.ValidString(body) {
+			t.Skip("proto3 strings are UTF-8")
+		}
+		hs := []Header{{k, body}, {msg, k}, {body, msg}}
+		checkDenied(t, Denied{Code: code, Message: msg, Status: status, Headers: hs[:n%4], Body: body})
 	})
 }
