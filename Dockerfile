@@ -15,7 +15,7 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 ARG COMMIT=unknown
-RUN CGO_ENABLED=0 go build -trimpath -tags vtprotobuf \
+RUN CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" \
       -o /out/usr/local/bin/keygate ./cmd/keygate \
  && mkdir -p /out/var/lib/keygate

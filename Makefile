@@ -9,11 +9,6 @@ PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
 PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 STATICCHECK        := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-# go-control-plane's fast vtprotobuf encoders for Envoy messages compile only
-# with this tag; keygate's gRPC codec uses them when present. Exported so that
-# the go commands the tests run (the end-to-end build) use it too.
-export GOFLAGS := $(strip $(GOFLAGS) -tags=vtprotobuf)
-
 .PHONY: build run test fuzz bench bench-go lint proto clean
 
 build:

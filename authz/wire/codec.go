@@ -9,13 +9,9 @@ import (
 	"google.golang.org/protobuf/protoadapt"
 )
 
-// Codec is gRPC's protobuf codec with fast paths: a *Request is decoded by
-// Request.Decode, a *Frozen (such as an encoded OK) is sent as its bytes,
-// and a message with
-// vtprotobuf marshalers is encoded with them into a pooled buffer.
-// go-control-plane generates those for every Envoy message, CheckResponse
-// included, behind the vtprotobuf build tag: `make build` sets it, and
-// without it the generic encoder is used. Everything else, such as
+// Codec is gRPC's protobuf codec with fast paths for Checks: a *Request is
+// decoded by Request.Decode, and a *Frozen (a response that OK.Encode or
+// Denied.Encode wrote) is sent as its bytes. Everything else, such as
 // grpc.health.v1, goes through the generic protobuf code as usual.
 //
 // Install it with grpc.ForceServerCodecV2 on the server that serves Checks.
@@ -26,36 +22,10 @@ var _ encoding.CodecV2 = Codec{}
 // Name is "proto": the content-subtype gRPC clients such as Envoy send.
 func (Codec) Name() string { return "proto" }
 
-type vtMarshaler interface {
-	SizeVT() int
-	MarshalToSizedBufferVTStrict([]byte) (int, error)
-}
-
 // Marshal encodes v.
 func (Codec) Marshal(v any) (mem.BufferSlice, error) {
 	if f, ok := v.(*Frozen); ok {
 		return f.out[:], nil
-	}
-	if m, ok := v.(vtMarshaler); ok {
-		size := m.SizeVT()
-		if mem.IsBelowBufferPoolingThreshold(size) {
-			// gRPC would not give a buffer this small back to the pool
-			// (mem.NewBuffer wraps it as a plain SliceBuffer), so taking
-			// one from the pool only costs a miss there: a Check's response
-			// is a few hundred bytes.
-			b := make([]byte, size)
-			if _, err := m.MarshalToSizedBufferVTStrict(b); err != nil {
-				return nil, err
-			}
-			return mem.BufferSlice{mem.SliceBuffer(b)}, nil
-		}
-		pool := mem.DefaultBufferPool()
-		buf := pool.Get(size)
-		if _, err := m.MarshalToSizedBufferVTStrict((*buf)[:size]); err != nil {
-			pool.Put(buf)
-			return nil, err
-		}
-		return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
 	}
 	msg := messageOf(v)
 	if msg == nil {

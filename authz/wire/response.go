@@ -47,10 +47,10 @@ type OK struct {
 }
 
 // Encode returns o encoded, for Codec to send: the bytes proto.Marshal
-// writes for o.Message(), built without it. o is only read.
+// writes for o.Proto(), built without it. o is only read.
 func (o *OK) Encode() *Frozen {
 	n := o.size()
-	b := make([]byte, 0, 1+sizeLen(n)+n)
+	b := make([]byte, 0, bytesSize(n))
 	b = appendLen(append(b, tagOf(fCheckOK, protowire.BytesType)), n)
 	for _, h := range o.Headers {
 		b = appendOption(b, fOKHeaders, h)
