@@ -54,7 +54,11 @@ func (s *Server) decide(r *request, now time.Time) (grant, *Denial) {
 
 	// 4. Rate limit.
 	g := grant{key: key, rate: s.rateFor(key)}
-	g.lim = s.limiter.Allow(key.ID, g.rate, now)
+	if s.limiter != nil {
+		g.lim = s.limiter.Allow(key.ID, g.rate, now)
+	} else {
+		g.lim = key.RateBucket().Take(g.rate, now)
+	}
 	if !g.lim.OK {
 		return g, s.rateDenial(g.rate)
 	}

@@ -26,8 +26,9 @@ type Keys interface {
 	Reserve(k *keystore.Key, requestID string, price, maxPrice money.Micros, deadline time.Time) error
 }
 
-// RateLimiter is the per-key rate limit a Check applies: *ratelimit.Limiter
-// in one process, or leases of a limit shared through Redis.
+// RateLimiter is a per-key rate limit kept apart from the keys, such as the
+// leases of a limit shared through Redis. Without one, a Check takes from
+// the key's own bucket (keystore.Key.RateBucket): no map, no lock.
 type RateLimiter interface {
 	Allow(key string, r ratelimit.Rate, now time.Time) ratelimit.Decision
 }
@@ -36,7 +37,7 @@ type RateLimiter interface {
 type Config struct {
 	Keys    Keys
 	Routes  *route.Table
-	Limiter RateLimiter // nil: a new *ratelimit.Limiter
+	Limiter RateLimiter // nil: each key's own bucket in this process
 	// TierRate returns the rate limit of an account tier; ok false means the
 	// key is not rate limited. nil: no tier limits.
 	TierRate func(tier string) (r ratelimit.Rate, ok bool)
@@ -85,9 +86,6 @@ func New(c Config) (*Server, error) {
 	}
 	if s.onResponse && s.settleTimeout <= 0 {
 		return nil, errors.New("authz: settling on response needs a positive SettleTimeout")
-	}
-	if s.limiter == nil {
-		s.limiter = ratelimit.NewLimiter()
 	}
 	if s.tierRate == nil {
 		s.tierRate = func(string) (ratelimit.Rate, bool) { return ratelimit.Rate{}, false }

@@ -50,6 +50,11 @@ func (k *Key) Account() string { return k.acct.id }
 // a Key is 128 bytes, two cache lines, and a million of them count.)
 func (k *Key) Tier() string { return k.acct.tier }
 
+// RateBucket is the key's rate-limit bucket in this process: the same for
+// every Key of one key ID, revocation and rotation grace included, and
+// full again when the process restarts.
+func (k *Key) RateBucket() *ratelimit.Bucket { return &k.entry.rate }
+
 // HasScope reports whether the key carries scope.
 func (k *Key) HasScope(scope string) bool {
 	for _, s := range k.Scopes {

@@ -379,3 +379,50 @@ func TestExpiredAndRevokedStay(t *testing.T) {
 		t.Errorf("states (-want +got):\n%s", diff)
 	}
 }
+
+// A key's rate-limit bucket outlives the Key values that an admin write
+// republishes: a key spent to its limit stays spent when it is rotated
+// (the old key, in its grace period, is a new Key value) or when keys are
+// added beside it, while the key it rotated to starts full.
+func TestRateBucketFollowsTheKey(t *testing.T) {
+	s := keystoretest.Open(t)
+	mustAccount(t, s, "acme", 0)
+	r := ratelimit.Rate{N: 2, Per: time.Hour}
+	info, secret, err := s.CreateKey(keystore.NewKey{Account: "acme", Scopes: []string{"chat:write"}, RateLimit: r}, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lookup := func(secret string) *keystore.Key {
+		t.Helper()
+		k, ok := s.Lookup(secret, t0)
+		if !ok {
+			t.Fatal("Lookup failed")
+		}
+		return k
+	}
+	before := lookup(secret)
+	for range 2 {
+		if d := before.RateBucket().Take(r, t0); !d.OK {
+			t.Fatalf("denied within the limit: %+v", d)
+		}
+	}
+	for range 300 { // enough to copy every shard, the key's among them
+		if _, _, err := s.CreateKey(keystore.NewKey{Account: "acme", Scopes: []string{"chat:write"}}, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, rotated, newSecret, err := s.Rotate(info.ID, time.Hour, t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := lookup(secret)
+	if after == before {
+		t.Fatal("the test needs the key republished: Lookup returned the same Key")
+	}
+	if d := after.RateBucket().Take(r, t0); d.OK {
+		t.Errorf("the key's bucket was full again after admin writes: %+v", d)
+	}
+	if d := lookup(newSecret).RateBucket().Take(r, t0); !d.OK {
+		t.Errorf("the rotated-to key %s starts with an empty bucket: %+v", rotated.ID, d)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 	"go.uber.org/zap"
 
+	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/keystore/metric"
 	"github.com/keygate/keygate/keystore/money"
 )
@@ -47,8 +48,12 @@ type account struct {
 
 // keyEntry is the long-lived state of one key: its spend and what only
 // operators read. Published Keys are immutable and replaced on revocation;
-// they all point to the same entry. It is 88 bytes: a million keys count.
+// they all point to the same entry. It is 96 bytes: a million keys count.
 type keyEntry struct {
+	// The key's rate-limit bucket, in process memory only (Key.RateBucket),
+	// beside the spend that the same Check debits next.
+	rate ratelimit.Bucket
+
 	// Guarded by the account's mu. nextDirty is nil while the spend is
 	// flushed, else the next changed key of the account (Store.endOfList
 	// ends the list, so that nil can mean "clean").

@@ -2,7 +2,9 @@ package ratelimit
 
 import (
 	"hash/maphash"
+	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -83,30 +85,63 @@ func (l *Limiter) Allow(key string, r Rate, now time.Time) Decision {
 	if r.N <= 0 {
 		return Decision{OK: true}
 	}
-	n, t := bucketParams(r)
-	tau := (n - 1) * t // burst tolerance: how far tat may run ahead of now
 	ns := now.UnixNano()
-
 	s := &l.shards[maphash.String(l.seed, key)&(numShards-1)]
 	s.mu.Lock()
 	i, ok := s.at[key]
 	if !ok {
 		i = s.add(key)
+		s.tat[i] = math.MinInt64 // a new bucket: full since ever
 	}
-	tat := s.tat[i]
-	if !ok || tat < ns {
-		tat = ns // a new or full bucket
+	next, d := take(s.tat[i], r, ns)
+	if d.OK {
+		s.tat[i] = next
 	}
+	s.mu.Unlock()
+	return d
+}
+
+// take is one request against a bucket whose theoretical arrival time is
+// tat (at or before ns: a full bucket) under r, whose N is positive: the
+// decision and, when it allows, the bucket's next tat.
+func take(tat int64, r Rate, ns int64) (int64, Decision) {
+	n, t := bucketParams(r)
+	tau := (n - 1) * t // burst tolerance: how far tat may run ahead of now
+	tat = max(tat, ns)
 	if ahead := tat - ns; ahead > tau {
-		s.mu.Unlock()
-		return Decision{Limit: r.N, Reset: time.Duration(ahead), RetryAfter: time.Duration(ahead - tau)}
+		return 0, Decision{Limit: r.N, Reset: time.Duration(ahead), RetryAfter: time.Duration(ahead - tau)}
 	}
 	tat += t
-	s.tat[i] = tat
-	s.mu.Unlock()
-
 	ahead := tat - ns // <= tau+t = n*t, so Remaining >= 0
-	return Decision{OK: true, Limit: r.N, Remaining: (n*t - ahead) / t, Reset: time.Duration(ahead)}
+	return tat, Decision{OK: true, Limit: r.N, Remaining: (n*t - ahead) / t, Reset: time.Duration(ahead)}
+}
+
+// A Bucket is one key's bucket, for a caller that keeps it beside the key,
+// as keystore does in each key's entry: Take then needs no map and no
+// lock, and nothing to sweep, where Limiter needs all three. Its zero value
+// is a full bucket; it must not be copied once used.
+type Bucket struct {
+	// flipped is tat with its sign bit flipped, so that the zero value
+	// reads as math.MinInt64: a bucket full since ever, even for a clock
+	// before 1970.
+	flipped atomic.Int64
+}
+
+// Take takes one request from b under r at now, with Limiter.Allow's
+// arithmetic and decisions. Concurrent Takes are safe: each allowed one
+// moves tat by compare-and-swap, so no two spend the same token.
+func (b *Bucket) Take(r Rate, now time.Time) Decision {
+	if r.N <= 0 {
+		return Decision{OK: true}
+	}
+	ns := now.UnixNano()
+	for {
+		old := b.flipped.Load()
+		next, d := take(old^math.MinInt64, r, ns)
+		if !d.OK || b.flipped.CompareAndSwap(old, next^math.MinInt64) {
+			return d
+		}
+	}
 }
 
 // add gives key a place in tat and returns it; the caller sets its tat.

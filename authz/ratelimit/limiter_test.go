@@ -114,23 +114,31 @@ func TestAllowKeysIndependent(t *testing.T) {
 }
 
 func TestAllowConcurrentOneKey(t *testing.T) {
-	// Every goroutine asks at the same instant: exactly N are allowed, and
-	// each allowed request sees a different Remaining, N-1 down to 0.
-	const n = 500
-	r := Rate{N: n, Per: time.Minute}
 	l := NewLimiter()
+	checkConcurrentOneKey(t, func(r Rate) Decision { return l.Allow("hot", r, t0) })
+}
+
+// checkConcurrentOneKey has 16 goroutines ask allow for one key's requests
+// at the same instant: exactly N are allowed, and each allowed request
+// sees a different Remaining, N-1 down to 0: no token is spent twice. The
+// bucket is large, so that the goroutines contend for a while before it
+// is empty.
+func checkConcurrentOneKey(t *testing.T, allow func(Rate) Decision) {
+	t.Helper()
+	const n = 50_000
+	r := Rate{N: n, Per: time.Minute}
 	var (
 		wg        sync.WaitGroup
 		mu        sync.Mutex
 		remaining []int64
 		start     = make(chan struct{})
 	)
-	for range 64 {
+	for range 16 {
 		wg.Go(func() {
 			<-start
 			var mine []int64
-			for range 200 {
-				if d := l.Allow("hot", r, t0); d.OK {
+			for range n / 10 {
+				if d := allow(r); d.OK {
 					mine = append(mine, d.Remaining)
 				} else if d.RetryAfter <= 0 {
 					t.Errorf("denied with RetryAfter %v", d.RetryAfter)

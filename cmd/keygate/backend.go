@@ -12,7 +12,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keygate/keygate/authz"
-	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/authz/settle"
 	"github.com/keygate/keygate/cmd/keygate/config"
 	"github.com/keygate/keygate/keystore"
@@ -29,8 +28,8 @@ type backend struct {
 	local   *keystore.Store // the bbolt file; in Redis mode, the mirror
 	keys    authz.Keys
 	admin   admin.Store
-	limiter authz.RateLimiter
-	settler settle.Ledger // where the access log settles reservations
+	limiter authz.RateLimiter // nil: the keys' own buckets (bbolt)
+	settler settle.Ledger     // where the access log settles reservations
 	// loops run until their context is done; close runs after they all
 	// returned: it writes what is still in memory (the last flush, the last
 	// spend report) and releases the files and connections.
@@ -54,13 +53,10 @@ func openBackend(cfg *config.Config, o keystore.Options, log *zap.Logger, reg pr
 			}
 			return nil, fmt.Errorf("%s is the local cache of a store: redis replica, not a store of its own: run keygate with its store: redis config (--config), and administer through a replica (--server)", cfg.DB)
 		}
-		limiter := ratelimit.NewLimiter()
+		// No limiter: each key's bucket lives in its store entry.
 		return &backend{
-			local: local, keys: local, admin: local, limiter: limiter, settler: local,
-			loops: []func(context.Context) error{
-				local.Run,
-				func(ctx context.Context) error { sweep(ctx, limiter); return nil },
-			},
+			local: local, keys: local, admin: local, settler: local,
+			loops: []func(context.Context) error{local.Run},
 			close: local.Close,
 		}, nil
 	}

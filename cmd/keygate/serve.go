@@ -28,7 +28,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/keygate/keygate/authz"
-	"github.com/keygate/keygate/authz/ratelimit"
 	"github.com/keygate/keygate/authz/settle"
 	"github.com/keygate/keygate/cmd/keygate/config"
 	"github.com/keygate/keygate/keystore"
@@ -287,20 +286,6 @@ func drain(s *grpc.Server, timeout time.Duration) {
 	case <-time.After(timeout):
 		s.Stop()
 		<-done
-	}
-}
-
-// sweep forgets idle rate-limit buckets once a minute, bounding memory.
-func sweep(ctx context.Context, l *ratelimit.Limiter) {
-	t := time.NewTicker(time.Minute)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			l.Sweep(now)
-		}
 	}
 }
 
