@@ -75,6 +75,21 @@ func (o *OK) Proto() *authv3.CheckResponse {
 	return &authv3.CheckResponse{HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: ok}}
 }
 
+// size is the length of the encoded OkHttpResponse.
+func (o *OK) size() int {
+	n := 0
+	for _, h := range o.Headers {
+		n += bytesSize(optionSize(h))
+	}
+	for _, name := range o.HeadersToRemove {
+		n += bytesSize(len(name))
+	}
+	for _, h := range o.ResponseHeaders {
+		n += bytesSize(optionSize(h))
+	}
+	return n
+}
+
 // Denied is a denied CheckResponse: the gRPC status that Envoy's logs and
 // stats see, and the HTTP response Envoy sends back in place of the
 // upstream's.
@@ -92,7 +107,7 @@ func (d *Denied) Encode() *Frozen {
 	st, resp := d.statusSize(), d.responseSize()
 	b := make([]byte, 0, bytesSize(st)+bytesSize(resp))
 	b = appendLen(append(b, tagOf(fCheckStatus, protowire.BytesType)), st)
-	b = appendVarintField(b, fStatusCode, uint64(int64(d.Code)))
+	b = appendVarintField(b, fStatusCode, uint64(d.Code))
 	if d.Message != "" {
 		b = appendString(b, fStatusMessage, d.Message)
 	}
@@ -123,7 +138,7 @@ func (d *Denied) Proto() *authv3.CheckResponse {
 
 // statusSize is the length of the encoded google.rpc.Status.
 func (d *Denied) statusSize() int {
-	n := varintFieldSize(uint64(int64(d.Code)))
+	n := varintFieldSize(uint64(d.Code))
 	if d.Message != "" {
 		n += bytesSize(len(d.Message))
 	}
@@ -154,21 +169,6 @@ func options(hs []Header) []*corev3.HeaderValueOption {
 		}
 	}
 	return out
-}
-
-// size is the length of the encoded OkHttpResponse.
-func (o *OK) size() int {
-	n := 0
-	for _, h := range o.Headers {
-		n += bytesSize(optionSize(h))
-	}
-	for _, name := range o.HeadersToRemove {
-		n += bytesSize(len(name))
-	}
-	for _, h := range o.ResponseHeaders {
-		n += bytesSize(optionSize(h))
-	}
-	return n
 }
 
 // Proto3 leaves out a string that is empty, and so do valueSize and
