@@ -245,7 +245,7 @@ func (h *allowHeaders) ok() wire.OK {
 }
 
 // encodeAllow is the served path's allow response, encoded for the wire:
-// its one allocation is the bytes.
+// it allocates the bytes and their wire.Frozen, nothing else.
 func encodeAllow(g grant) *wire.Frozen {
 	var digits rateDigits
 	h := allowFor(g, &digits)
