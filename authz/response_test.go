@@ -16,8 +16,6 @@ import (
 	"github.com/keygate/keygate/keystore/money"
 )
 
-// The served path encodes its allow response straight to bytes; Check
-// builds the generated message. Both must say the same thing to Envoy.
 // newKey is a key of a new store's one account, as Lookup returns it.
 func newKey(t *testing.T) *keystore.Key {
 	st := keystoretest.Open(t)
@@ -36,6 +34,8 @@ func newKey(t *testing.T) *keystore.Key {
 	return k
 }
 
+// The served path encodes its allow response straight to bytes; Check
+// builds the generated message. Both must say the same thing to Envoy.
 func TestEncodeAllowMatchesMessage(t *testing.T) {
 	k := newKey(t)
 	limited := ratelimit.Rate{N: 60, Per: time.Minute}
