@@ -85,18 +85,6 @@ func BenchmarkBucketTake(b *testing.B) {
 		})
 	})
 	b.Run("parallel/many_keys", func(b *testing.B) {
-		b.ReportAllocs()
-		b.RunParallel(func(pb *testing.PB) {
-			now := t0
-			i := rand.IntN(len(buckets))
-			for pb.Next() {
-				now = now.Add(time.Microsecond)
-				buckets[i].Take(r, now)
-				i++
-				if i == len(buckets) {
-					i = 0
-				}
-			}
-		})
+		manyKeys(b, len(buckets), func(i int, now time.Time) { buckets[i].Take(r, now) })
 	})
 }

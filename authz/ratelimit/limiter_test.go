@@ -450,19 +450,7 @@ func BenchmarkAllow(b *testing.B) {
 		for _, k := range keys {
 			l.Allow(k, r, t0)
 		}
-		b.ReportAllocs()
-		b.RunParallel(func(pb *testing.PB) {
-			now := t0
-			i := rand.IntN(len(keys))
-			for pb.Next() {
-				now = now.Add(time.Microsecond)
-				l.Allow(keys[i], r, now)
-				i++
-				if i == len(keys) {
-					i = 0
-				}
-			}
-		})
+		manyKeys(b, len(keys), func(i int, now time.Time) { l.Allow(keys[i], r, now) })
 	})
 	b.Run("parallel/denied", func(b *testing.B) {
 		l := NewLimiter()
@@ -494,4 +482,21 @@ func BenchmarkSweep(b *testing.B) {
 	for b.Loop() {
 		l.Sweep(t0) // nothing idle yet: measures the scan
 	}
+}
+
+// manyKeys has every goroutine call allow over n keys in turn, each from
+// elsewhere, with a clock that moves a microsecond a call.
+func manyKeys(b *testing.B, n int, allow func(i int, now time.Time)) {
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		now := t0
+		i := rand.IntN(n)
+		for pb.Next() {
+			now = now.Add(time.Microsecond)
+			allow(i, now)
+			if i++; i == n {
+				i = 0
+			}
+		}
+	})
 }
