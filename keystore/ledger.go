@@ -392,14 +392,8 @@ const blockUnits = 64
 func (s *Store) writeLocked(b *flushBatch, p *pacer) error {
 	w := partWriter{s: s, p: p, size: s.flushPart}
 	defer w.rollback()
-	for i := range b.res {
-		tx, err := w.next(1)
-		if err != nil {
-			return err
-		}
-		if err := putReservation(tx.Bucket(bucketReserved), &b.res[i]); err != nil {
-			return err
-		}
+	if err := putEach(&w, bucketReserved, b.res, putReservation); err != nil {
+		return err
 	}
 	if err := w.blocks(blockKeys, b.keys, false); err != nil {
 		return err
@@ -416,17 +410,25 @@ func (s *Store) writeLocked(b *flushBatch, p *pacer) error {
 		return err
 	}
 	if s.outbox {
-		for i := range b.alerts {
-			tx, err := w.next(1)
-			if err != nil {
-				return err
-			}
-			if err := putAlert(tx.Bucket(bucketOutbox), &b.alerts[i]); err != nil {
-				return err
-			}
+		if err := putEach(&w, bucketOutbox, b.alerts, putAlert); err != nil {
+			return err
 		}
 	}
 	return w.commit()
+}
+
+// putEach writes items with put into bucket, each weighing 1 in its part.
+func putEach[T any](w *partWriter, bucket []byte, items []T, put func(*bolt.Bucket, *T) error) error {
+	for i := range items {
+		tx, err := w.next(1)
+		if err != nil {
+			return err
+		}
+		if err := put(tx.Bucket(bucket), &items[i]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // partWriter writes a flush as a series of transactions, each of at most
